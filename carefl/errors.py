@@ -11,3 +11,7 @@ class ConfigError(CareFLError, ValueError):
 
 class DataError(CareFLError, ValueError):
     """A hospital's data cannot be used (message names the hospital, the file and the problem)."""
+
+
+class CheckpointError(CareFLError):
+    """A run's checkpoint cannot be used to resume (message names the file and the fix)."""
