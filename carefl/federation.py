@@ -1,0 +1,174 @@
+"""The server's side of a federation, without Flower: state, rounds, audit, checkpoints.
+
+``server_app`` sends messages and hands the replies to :class:`Federation`, which
+
+1. rejects unusable updates (refusals, NaN/Inf, wrong keys/shapes/dtypes, absurd norms),
+   naming the hospital, and stops cleanly when fewer than ``federation.min_hospitals`` remain;
+2. flattens accepted updates (local - global) to an ``(n, d)`` float32 matrix, applies the
+   simulated omniscient attack (simulation only), aggregates with the configured robust
+   rule, steps the server optimiser and updates the global model;
+3. records per-hospital anomaly signals and reputation, appends a hash-chained ledger entry,
+   and checkpoints atomically so a killed run resumes from its last completed round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from carefl import attacks, checkpoint, robust
+from carefl.errors import CareFLError, ConfigError
+from carefl.hospital import TrainReply
+from carefl.ledger import Ledger, hash_config, hash_state_dict
+from carefl.report import Report
+
+log = logging.getLogger("carefl")
+
+
+class FederationStopped(CareFLError):
+    """Too few usable hospitals remain: the run ends cleanly with the last global model."""
+
+
+@dataclass
+class RoundSummary:
+    """What one aggregation did (for the progress line)."""
+
+    round: int
+    accepted: list[str]
+    rejected: dict[str, str]
+    train_loss: dict[str, float]
+
+
+class Federation:
+    """Global model + aggregation state of one run, persisted in ``run_dir``.
+
+    ``initial_state`` is the freshly built model's state dict; on resume it is replaced by
+    the last checkpoint's global model and the round counter continues from there.
+    """
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, initial_state: dict[str, torch.Tensor], resume: bool = False):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.aggregator = robust.build_aggregator(cfg.strategy)
+        self.server_opt = robust.build_server_optimizer(cfg.strategy)
+        self.reputation = robust.Reputation()
+        self.config_hash = hash_config(OmegaConf.to_container(cfg, resolve=True))
+        self.byzantine = set(attacks.byzantine_indices(cfg.attack, len(cfg.federation.hospitals)))
+        self.generator = torch.Generator().manual_seed(int(cfg.seed) + 7919)
+        self.report = Report(self.run_dir, cfg)
+        self.global_state = {k: v.detach().clone() for k, v in initial_state.items()}
+        self.next_round = 1
+        if resume:
+            self._restore(checkpoint.load_latest_checkpoint(self.run_dir))
+            self.ledger = Ledger(self.run_dir / "ledger.jsonl")
+            if self.ledger.head != self._ledger_head:
+                raise ConfigError(
+                    f"{self.run_dir}/ledger.jsonl does not end where checkpoint round {self.next_round - 1} "
+                    "does; verify it with carefl-verify and resume from an intact run directory"
+                )
+            self.ledger.append("resume", round=self.next_round - 1, config_hash=self.config_hash,
+                               model_before=hash_state_dict(self.global_state))
+        else:
+            self.ledger = Ledger(self.run_dir / "ledger.jsonl")
+            self.ledger.append("start", round=0, config_hash=self.config_hash,
+                               model_after=hash_state_dict(self.global_state))
+
+    # ---- rounds -------------------------------------------------------------------------
+    def aggregate(self, server_round: int, replies: list[TrainReply]) -> RoundSummary:
+        """Aggregate one round's training replies into a new global model."""
+        fed = self.cfg.federation
+        hospitals = list(fed.hospitals)
+        rejected: dict[str, str] = {}
+        accepted: list[TrainReply] = []
+        for reply in replies:
+            if reply.status != "ok":
+                rejected[reply.hospital] = reply.reason or reply.status
+                continue
+            reason = robust.validate_update(
+                reply.hospital, reply.state, self.global_state, self.cfg.strategy.get("max_update_norm")
+            )
+            if reason:
+                rejected[reply.hospital] = reason
+            else:
+                accepted.append(reply)
+        for name, reason in rejected.items():
+            log.warning("round %d: left out %s: %s", server_round, name, reason)
+        model_before = hash_state_dict(self.global_state)
+        per_hospital = {
+            r.hospital: {"accepted": False, "reason": rejected[r.hospital], "epsilon": r.metrics.get("epsilon")}
+            for r in replies if r.hospital in rejected
+        }
+        if len(accepted) < fed.min_hospitals:
+            self.report.add_round(server_round, replies, {}, rejected)
+            self.ledger.append("round", round=server_round, config_hash=self.config_hash,
+                               model_before=model_before, model_after=model_before, hospitals=per_hospital)
+            raise FederationStopped(
+                f"round {server_round}: only {len(accepted)} usable update(s) "
+                f"({', '.join(r.hospital for r in accepted) or 'none'}) but federation.min_hospitals="
+                f"{fed.min_hospitals}; stopping with the model of round {server_round - 1}"
+            )
+        updates = robust.flatten_updates([r.state for r in accepted], self.global_state)
+        if self.byzantine and all(r.metrics.get("simulated", 0.0) for r in accepted):
+            rows = [i for i, r in enumerate(accepted) if r.hospital in hospitals and hospitals.index(r.hospital) in self.byzantine]
+            updates = attacks.apply_update_attack(self.cfg.attack, updates, rows, self.generator)
+        claimed = torch.tensor([r.metrics["num_examples"] for r in accepted], dtype=torch.float32)
+        result = self.aggregator(updates, claimed)
+        step = self.server_opt.step(result.update)
+        self.global_state = robust.apply_update(self.global_state, step)
+        signals = robust.signals(updates, result)
+        names = [r.hospital for r in accepted]
+        reputation = self.reputation.update(names, signals)
+        update_hashes = [hash_state_dict({"u": row}) for row in updates]
+        for i, r in enumerate(accepted):
+            per_hospital[r.hospital] = {
+                "accepted": True, "reason": None, "epsilon": r.metrics.get("epsilon"),
+                "update_hash": update_hashes[i], "norm": signals[i]["norm"],
+            }
+        robust_record = {n: {**signals[i], "reputation": reputation[n]} for i, n in enumerate(names)}
+        self.report.add_round(server_round, replies, robust_record, rejected)
+        self.ledger.append("round", round=server_round, config_hash=self.config_hash,
+                           model_before=model_before, model_after=hash_state_dict(self.global_state),
+                           hospitals=per_hospital)
+        return RoundSummary(server_round, names, rejected, {r.hospital: r.metrics.get("train_loss", float("nan")) for r in accepted})
+
+    def record_evaluation(self, server_round: int, evaluations: dict[str, dict[str, float]]) -> dict[str, float]:
+        """Store per-hospital test metrics of the new global model; return the aggregate."""
+        return self.report.add_evaluation(server_round, evaluations)
+
+    def checkpoint(self, server_round: int) -> None:
+        """Atomically save everything needed to continue after ``server_round``."""
+        checkpoint.save_round_checkpoint(self.run_dir, server_round, {
+            "round": server_round,
+            "global_model": self.global_state,
+            "server_opt": self.server_opt.state_dict(),
+            "aggregator": self.aggregator.state_dict(),
+            "reputation": self.reputation.state_dict(),
+            "ledger_head": self.ledger.head,
+            "metrics": self.report.state_dict(),
+            "config_hash": self.config_hash,
+            "time": time.time(),
+        })
+        self.report.save()
+
+    def _restore(self, state: dict) -> None:
+        self.global_state = state["global_model"]
+        self.server_opt.load_state_dict(state["server_opt"])
+        self.aggregator.load_state_dict(state["aggregator"])
+        self.reputation.load_state_dict(state["reputation"])
+        self.report.load_state_dict(state["metrics"])
+        self._ledger_head = state["ledger_head"]
+        self.next_round = int(state["round"]) + 1
+
+    def finish(self, status: str, message: str = "") -> Path:
+        """Write ``model_final.pt``, the end ledger entry, metrics and plots; return the model path."""
+        final = self.run_dir / "model_final.pt"
+        checkpoint.atomic_save(self.global_state, final)
+        self.ledger.append("end", round=self.next_round - 1, config_hash=self.config_hash,
+                           model_after=hash_state_dict(self.global_state), status=status, message=message)
+        self.report.finish(status, message)
+        return final

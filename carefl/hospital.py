@@ -1,0 +1,182 @@
+"""One hospital's side of a round: who it is, its site policy, local training, evaluation.
+
+The ClientApp only converts Flower messages to the calls below and back. Everything a
+hospital decides for itself lives here: its identity and data location (node config), its
+privacy budget (site policy: the server can request, never raise), and whether it trains.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch.utils.data import Dataset
+
+from carefl import attacks, privacy
+from carefl.data import load_hospital
+from carefl.errors import ConfigError
+from carefl.models import build_model
+from carefl.training import evaluate, make_loader, make_optimizer, train_epochs
+
+#: node-config keys a SuperNode may set (``flower-supernode --node-config 'k=v ...'``)
+NODE_KEYS = ("hospital", "data-path", "state-dir", "epsilon-cap", "delta", "site-policy")
+
+
+@dataclass
+class Hospital:
+    """A hospital as its SuperNode describes it.
+
+    ``index`` is its position in ``federation.hospitals`` (simulation; -1 in deployment when
+    the name is not listed). ``simulated`` is true only under Flower's simulation engine
+    (node config carries ``partition-id``); simulated attacks are unreachable otherwise.
+    """
+
+    name: str
+    index: int
+    state_dir: Path
+    data_path: str | None = None
+    simulated: bool = False
+    node_config: Mapping = field(default_factory=dict)
+
+
+def identify(cfg, node_config: Mapping, run_dir: str) -> Hospital:
+    """Build the :class:`Hospital` from a SuperNode's node config.
+
+    Deployment: ``hospital`` (name), ``data-path``, ``state-dir`` come from the node config.
+    Simulation: ``partition-id`` i selects ``federation.hospitals[i]``; state defaults to
+    ``<run_dir>/hospitals/<name>``.
+    """
+    hospitals = list(cfg.federation.hospitals)
+    simulated = "partition-id" in node_config
+    if "hospital" in node_config:
+        name = str(node_config["hospital"])
+    elif simulated:
+        pid, parts = int(node_config["partition-id"]), int(node_config.get("num-partitions", len(hospitals)))
+        if parts != len(hospitals):
+            raise ConfigError(
+                f"the simulation has {parts} SuperNodes but federation.hospitals lists {len(hospitals)}; "
+                f"run with --federation-config 'num-supernodes={len(hospitals)}' or change federation.hospitals"
+            )
+        name = hospitals[pid]
+    else:
+        raise ConfigError("this SuperNode has no hospital name: start it with --node-config 'hospital=\"<name>\"'")
+    index = hospitals.index(name) if name in hospitals else -1
+    state_dir = Path(str(node_config.get("state-dir") or Path(run_dir) / "hospitals" / name))
+    data_path = node_config.get("data-path")
+    return Hospital(name, index, state_dir, str(data_path) if data_path else None, simulated, dict(node_config))
+
+
+class _FlippedLabels(Dataset):
+    """Label-flipping data poisoning (simulation only): wraps a hospital's training set."""
+
+    def __init__(self, base: Dataset, task):
+        self.base, self.task = base, task
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        image, label = self.base[i]
+        return image, attacks.flip_labels(label, self.task.kind, self.task.num_classes)
+
+
+def _training_set(cfg, hospital: Hospital) -> Dataset:
+    data = load_hospital(cfg, hospital.name, hospital.index, hospital.data_path)
+    n = len(cfg.federation.hospitals)
+    if hospital.simulated and hospital.index >= 0 and attacks.flips_labels(cfg.attack, hospital.index, n):
+        return _FlippedLabels(data.train, cfg.task)
+    return data.train
+
+
+def local_steps(num_examples: int, batch_size: int, epochs: int) -> int:
+    """Optimizer steps of one round: ``epochs * ceil(N / B)`` (Poisson: expected batches)."""
+    return epochs * math.ceil(num_examples / batch_size)
+
+
+def planned_noise_multiplier(cfg, num_examples: int, delta: float, epochs: int) -> float:
+    """``privacy.noise_multiplier``, or the sigma calibrated ONCE so that ``epochs`` passes
+    (all rounds x local epochs) of Poisson-sampled DP-SGD reach ``privacy.target_epsilon``."""
+    if cfg.privacy.noise_multiplier is not None:
+        return float(cfg.privacy.noise_multiplier)
+    batch = cfg.federation.batch_size
+    return privacy.calibrate_noise(
+        cfg.privacy.target_epsilon, delta, min(1.0, batch / num_examples),
+        local_steps(num_examples, batch, epochs), cfg.privacy.accountant,
+    )
+
+
+@dataclass
+class TrainReply:
+    """A hospital's answer to a training request.
+
+    ``status`` is ``"ok"`` or ``"refused"`` (budget would be exceeded; ``state`` is None).
+    ``metrics``: train_loss, num_examples, steps and, under DP, epsilon, delta,
+    noise_multiplier, epsilon_cap.
+    """
+
+    hospital: str
+    status: str
+    reason: str
+    state: dict[str, torch.Tensor] | None
+    metrics: dict[str, float]
+
+
+def train_round(cfg, hospital: Hospital, global_state: dict[str, torch.Tensor], server_round: int) -> TrainReply:
+    """Train the global model on this hospital's data for ``federation.local_epochs``.
+
+    Under DP the hospital first checks its own budget: if this round's steps would push its
+    epsilon over its cap it refuses and sends no weights.
+    """
+    fed = cfg.federation
+    train_set = _training_set(cfg, hospital)
+    model = build_model(cfg)
+    model.load_state_dict(global_state)
+    optimizer = make_optimizer(model, fed.optimizer, fed.lr)
+    loader = make_loader(train_set, fed.batch_size, seed=cfg.seed * 100_003 + server_round * 101 + hospital.index)
+    n = len(train_set)
+    metrics: dict[str, float] = {"num_examples": float(n)}
+    if not cfg.privacy.enabled:
+        result = train_epochs(model, optimizer, loader, cfg.task, fed.local_epochs, cfg.strategy.prox_mu)
+        metrics.update(train_loss=result.loss, steps=float(result.steps))
+        return TrainReply(hospital.name, "ok", "", model.state_dict(), metrics)
+
+    policy = privacy.site_policy(hospital.node_config, requested_delta=cfg.privacy.target_delta)
+    sample_rate = min(1.0, fed.batch_size / n)
+    steps = local_steps(n, fed.batch_size, fed.local_epochs)
+    sigma = planned_noise_multiplier(cfg, n, policy.delta, fed.rounds * fed.local_epochs)
+    store = privacy.AccountantStore(hospital.state_dir)
+    history = store.load()
+    ok, projected, reason = privacy.budget_check(policy, history, sigma, sample_rate, steps, cfg.privacy.accountant)
+    metrics.update(epsilon_cap=policy.epsilon_cap, delta=policy.delta, noise_multiplier=float(sigma))
+    if not ok:
+        metrics["epsilon"] = privacy.epsilon(history, policy.delta, cfg.privacy.accountant)
+        return TrainReply(hospital.name, "refused", f"{hospital.name}: {reason}", None, metrics)
+    dp_model, dp_optimizer, dp_loader, engine = privacy.make_private(
+        model,
+        optimizer,
+        loader,
+        noise_multiplier=sigma,
+        max_grad_norm=cfg.privacy.max_grad_norm,
+        accountant=cfg.privacy.accountant,
+        secure_mode=cfg.privacy.secure_mode,
+        history=history,
+    )
+    result = train_epochs(dp_model, dp_optimizer, dp_loader, cfg.task, fed.local_epochs, cfg.strategy.prox_mu)
+    history = store.save(engine.accountant)
+    metrics.update(
+        train_loss=result.loss,
+        steps=float(result.steps),
+        epsilon=privacy.epsilon(history, policy.delta, cfg.privacy.accountant),
+    )
+    return TrainReply(hospital.name, "ok", "", privacy.plain_state_dict(dp_model), metrics)
+
+
+def evaluate_round(cfg, hospital: Hospital, global_state: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Metrics of the global model on this hospital's held-out split (+ ``num_examples``)."""
+    test = load_hospital(cfg, hospital.name, hospital.index, hospital.data_path).test
+    model = build_model(cfg)
+    model.load_state_dict(global_state)
+    return {**evaluate(model, test, cfg.task), "num_examples": float(len(test))}

@@ -1,0 +1,99 @@
+"""The run report: ``metrics.json`` and PNG plots in the run directory.
+
+``metrics.json`` layout (all numbers are plain floats)::
+
+    {"run_id", "task", "headline": "dice"|"auc", "hospitals": [...], "status", "message",
+     "rounds": [{"round": r,
+                 "train":  {hospital: {"status", "reason", "train_loss", "num_examples",
+                                       "steps", "epsilon", "delta", ...}},
+                 "robust": {hospital: {"norm", "cosine", "score", "selected", "reputation"}},
+                 "eval":   {hospital: {"dice" | "auc", "accuracy", "num_examples"}},
+                 "aggregate": {"dice" | "auc", "accuracy", "train_loss"}}],
+     "baselines": {"local_only": {trained_at: {evaluated_at: {metric: v}}},
+                   "pooled": {evaluated_at: {metric: v}}}}
+
+Plots (``plots/``): one PNG per metric (per hospital per round, baselines dashed), epsilon
+per hospital, and the robust signals (update norm, cosine, reputation).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from carefl.checkpoint import atomic_write_text
+from carefl.tasks import HEADLINE, METRICS
+
+
+def _weighted_mean(values: dict[str, dict[str, float]], key: str) -> float:
+    pairs = [(m[key], m.get("num_examples", 1.0)) for m in values.values() if key in m and not math.isnan(m[key])]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else float("nan")
+
+
+class Report:
+    """Accumulates per-round records and writes them (atomically) to ``run_dir``."""
+
+    def __init__(self, run_dir: Path, cfg):
+        self.run_dir = Path(run_dir)
+        self.metric_names = METRICS[cfg.task.kind]
+        self.data = {
+            "run_id": self.run_dir.name,
+            "task": cfg.task.name,
+            "headline": HEADLINE[cfg.task.kind],
+            "hospitals": list(cfg.federation.hospitals),
+            "status": "running",
+            "message": "",
+            "rounds": [],
+            "baselines": {},
+        }
+
+    def _round(self, server_round: int) -> dict:
+        rounds = self.data["rounds"]
+        if not rounds or rounds[-1]["round"] != server_round:
+            rounds.append({"round": server_round, "train": {}, "robust": {}, "eval": {}, "aggregate": {}})
+        return rounds[-1]
+
+    def add_round(self, server_round: int, replies, robust_record: dict, rejected: dict[str, str]) -> None:
+        """Training replies (accepted or not) and the robust signals of the accepted ones."""
+        record = self._round(server_round)
+        for reply in replies:
+            status = "rejected" if reply.hospital in rejected and reply.status == "ok" else reply.status
+            record["train"][reply.hospital] = {
+                "status": status, "reason": rejected.get(reply.hospital), **reply.metrics,
+            }
+        record["robust"] = robust_record
+        record["aggregate"]["train_loss"] = _weighted_mean(
+            {h: m for h, m in record["train"].items() if m["status"] == "ok"}, "train_loss"
+        )
+
+    def add_evaluation(self, server_round: int, evaluations: dict[str, dict[str, float]]) -> dict[str, float]:
+        """Per-hospital test metrics; returns the example-weighted aggregate."""
+        record = self._round(server_round)
+        record["eval"] = evaluations
+        for name in self.metric_names:
+            record["aggregate"][name] = _weighted_mean(evaluations, name)
+        return record["aggregate"]
+
+    def add_baselines(self, baselines: dict) -> None:
+        self.data["baselines"] = baselines
+
+    def state_dict(self) -> dict:
+        return json.loads(json.dumps(self.data))
+
+    def load_state_dict(self, state: dict) -> None:
+        self.data = json.loads(json.dumps(state))
+        self.data["status"] = "running"
+
+    def save(self) -> Path:
+        path = self.run_dir / "metrics.json"
+        atomic_write_text(path, json.dumps(self.data, indent=2, default=float, allow_nan=True))
+        return path
+
+    def finish(self, status: str, message: str = "") -> None:
+        self.data["status"], self.data["message"] = status, message
+        self.save()
+        from carefl.plots import plot_run  # matplotlib only when a run ends
+
+        plot_run(self.data, self.run_dir / "plots")

@@ -1,0 +1,96 @@
+"""Local training and evaluation loops, shared by hospitals and the server's baselines.
+
+A reader can follow the whole local path here: ``make_optimizer`` -> (optionally
+``carefl.privacy.make_private``) -> ``train_epochs`` -> ``evaluate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from carefl.errors import ConfigError
+from carefl.tasks import build_loss, compute_metrics
+
+
+@dataclass
+class TrainResult:
+    """What one local training call produced.
+
+    ``loss`` is the mean training loss over all steps; ``steps`` the optimizer steps taken;
+    ``num_examples`` the size of the training set (not the number of batches).
+    """
+
+    loss: float
+    steps: int
+    num_examples: int
+
+
+def make_optimizer(model: torch.nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
+    """Optimizer by name (``federation.optimizer``): ``adam`` or ``sgd`` (momentum 0.9)."""
+    if lr <= 0:
+        raise ConfigError(f"federation.lr={lr} must be > 0, e.g. federation.lr=0.003")
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    raise ConfigError(f"federation.optimizer={name!r} is unknown; use adam or sgd")
+
+
+def make_loader(dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True) -> DataLoader:
+    """A seeded DataLoader (``(image, label)`` batches). DP replaces it by a Poisson loader."""
+    if batch_size < 1:
+        raise ConfigError(f"federation.batch_size={batch_size} must be >= 1")
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def train_epochs(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    task,
+    epochs: int,
+    prox_mu: float = 0.0,
+) -> TrainResult:
+    """Run ``epochs`` passes over ``loader``; return the mean loss and the step count.
+
+    ``prox_mu > 0`` adds FedProx's proximal term ``mu/2 * ||w - w_global||^2`` where
+    ``w_global`` are the parameters at entry (the global model this round started from).
+    Under DP-SGD the proximal term's gradient is part of every per-sample gradient, so it is
+    clipped and noised with the data term: the (epsilon, delta) guarantee is unchanged.
+    """
+    loss_fn = build_loss(task)
+    anchor = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else None
+    model.train()
+    total, steps = 0.0, 0
+    for _ in range(epochs):
+        for images, labels in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(images), labels)
+            if anchor is not None:
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+                loss = loss + 0.5 * prox_mu * prox
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+            steps += 1
+    return TrainResult(loss=total / max(steps, 1), steps=steps, num_examples=len(loader.dataset))
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, dataset: Dataset, batch_size: int = 32):
+    """Stacked ``(logits, labels)`` of a whole dataset, in order."""
+    model.eval()
+    logits, labels = [], []
+    for images, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        logits.append(model(images))
+        labels.append(y)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def evaluate(model: torch.nn.Module, dataset: Dataset, task, batch_size: int = 32) -> dict[str, float]:
+    """Task metrics (``dice`` or ``auc``/``accuracy``) of ``model`` on ``dataset``."""
+    return compute_metrics(task, *predict(model, dataset, batch_size))

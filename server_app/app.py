@@ -1,0 +1,173 @@
+"""CareFL ServerApp (Flower 1.41 Message API): Flower messages <-> ``carefl.federation``.
+
+Run config (``[tool.flwr.app.config]``) carries only ``overrides``: Hydra overrides of
+``conf/config.yaml``, e.g. ``flwr run . --stream --run-config "overrides='strategy=median'"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import sys
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from omegaconf import DictConfig, OmegaConf
+
+from carefl.baselines import run_baselines
+from carefl.config import compose_config, to_json
+from carefl.errors import CareFLError, ConfigError
+from carefl.federation import Federation, FederationStopped
+from carefl.hospital import TrainReply
+from carefl.models import build_model
+from carefl.tasks import HEADLINE
+
+log = logging.getLogger("carefl")
+app = ServerApp()
+
+
+def _setup_logging() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s carefl %(levelname)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Compose the Hydra config from the run config and run the federation."""
+    _setup_logging()
+    try:
+        cfg = compose_config(str(context.run_config.get("overrides", "")))
+        run_federation(grid, cfg)
+    except CareFLError as err:  # one clear line, no traceback, for every edge error
+        log.error("%s", err)
+        raise SystemExit(1) from None
+
+
+def prepare_run_dir(cfg: DictConfig) -> tuple[Path, DictConfig, bool]:
+    """Create ``<output_dir>/<run_id>/`` (never overwriting) or reopen it for ``resume=``.
+
+    On resume the run's own ``config.yaml`` is the config (so the ledger's config hash holds).
+    """
+    if cfg.resume:
+        run_dir = Path(str(cfg.resume)).expanduser().resolve()
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"resume={cfg.resume}: {saved} not found; point resume= at a CareFL run directory")
+        return run_dir, OmegaConf.load(saved), True
+    run_id = cfg.run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    run_dir = (Path(str(cfg.output_dir)).expanduser() / str(run_id)).resolve()
+    if run_dir.exists():
+        raise ConfigError(f"run directory {run_dir} already exists; choose another run_id= or resume={run_dir}")
+    run_dir.mkdir(parents=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    return run_dir, cfg, False
+
+
+def _wait_for_nodes(grid: Grid, cfg: DictConfig) -> list[int]:
+    """Wait (up to ``federation.round_timeout_s``) until every listed hospital is connected,
+    or at least ``federation.min_hospitals`` when the time is up."""
+    want, deadline = len(cfg.federation.hospitals), time.monotonic() + cfg.federation.round_timeout_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= want or (time.monotonic() > deadline and len(nodes) >= cfg.federation.min_hospitals):
+            return nodes
+        if time.monotonic() > deadline:
+            raise CareFLError(
+                f"only {len(nodes)} SuperNode(s) connected after {cfg.federation.round_timeout_s:.0f} s; "
+                f"federation.min_hospitals={cfg.federation.min_hospitals}"
+            )
+        log.info("waiting for hospitals: %d/%d SuperNodes connected", len(nodes), want)
+        time.sleep(2.0)
+
+
+def _content(state: dict[str, torch.Tensor], cfg_json: str, server_round: int, run_dir: Path) -> RecordDict:
+    return RecordDict({
+        "arrays": ArrayRecord(state),
+        "config": ConfigRecord({"cfg": cfg_json, "round": server_round, "run-dir": str(run_dir)}),
+    })
+
+
+def _broadcast(grid: Grid, nodes: list[int], kind: str, content: RecordDict, server_round: int, timeout: float):
+    messages = [Message(content=content, dst_node_id=nid, message_type=kind, group_id=str(server_round)) for nid in nodes]
+    return list(grid.send_and_receive(messages, timeout=timeout))
+
+
+def _train_replies(replies, names: dict[int, str]) -> list[TrainReply]:
+    out = []
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            who = names.get(node, f"node {node}")
+            log.warning("%s failed this round: %s", who, msg.error.reason)
+            continue
+        status = msg.content["status"]
+        names[node] = str(status["hospital"])
+        state = msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else None
+        out.append(TrainReply(names[node], str(status["status"]), str(status["reason"]), state,
+                              dict(msg.content["metrics"])))
+    return out
+
+
+def _progress(cfg, server_round: int, summary, evals: dict, aggregate: dict, seconds: float, replies) -> str:
+    head = HEADLINE[cfg.task.kind]
+    loss = " ".join(f"{h} {v:.3f}" for h, v in summary.train_loss.items())
+    metric = ", ".join(f"{h} {m[head]:.3f}" for h, m in evals.items())
+    eps = " ".join(f"{r.hospital} {r.metrics['epsilon']:.2f}" for r in replies if "epsilon" in r.metrics)
+    parts = [f"round {server_round}/{cfg.federation.rounds}", f"loss: {loss}",
+             f"{head} {aggregate.get(head, float('nan')):.3f} ({metric})"]
+    if eps:
+        parts.append(f"epsilon: {eps}")
+    if summary.rejected:
+        parts.append("left out: " + ", ".join(summary.rejected))
+    parts.append(f"{seconds:.1f}s")
+    return " | ".join(parts)
+
+
+def run_federation(grid: Grid, cfg: DictConfig) -> Path:
+    """Drive all rounds; return the run directory."""
+    run_dir, cfg, resume = prepare_run_dir(cfg)
+    log.info("run directory: %s", run_dir)
+    fed = Federation(cfg, run_dir, build_model(cfg).state_dict(), resume=resume)
+    cfg_json, timeout = to_json(cfg), float(cfg.federation.round_timeout_s)
+    nodes = _wait_for_nodes(grid, cfg)
+    names: dict[int, str] = {}
+    simulated = True
+    status, message = "completed", ""
+    for server_round in range(fed.next_round, cfg.federation.rounds + 1):
+        start = time.monotonic()
+        nodes = sorted(grid.get_node_ids())  # hospitals that dropped out may be back
+        content = _content(fed.global_state, cfg_json, server_round, run_dir)
+        replies = _train_replies(_broadcast(grid, nodes, MessageType.TRAIN, content, server_round, timeout), names)
+        simulated = simulated and all(r.metrics.get("simulated", 0.0) for r in replies)
+        try:
+            summary = fed.aggregate(server_round, replies)
+        except FederationStopped as stop:
+            log.warning("%s", stop)
+            status, message = "stopped", str(stop)
+            break
+        content = _content(fed.global_state, cfg_json, server_round, run_dir)
+        evals = {}
+        for msg in _broadcast(grid, nodes, MessageType.EVALUATE, content, server_round, timeout):
+            if msg.has_error():
+                log.warning("evaluation failed at %s: %s", names.get(msg.metadata.src_node_id, "a node"), msg.error.reason)
+                continue
+            evals[str(msg.content["status"]["hospital"])] = dict(msg.content["metrics"])
+        aggregate = fed.record_evaluation(server_round, evals)
+        fed.checkpoint(server_round)
+        log.info("%s", _progress(cfg, server_round, summary, evals, aggregate, time.monotonic() - start, replies))
+    if cfg.federation.baselines and status == "completed":
+        if simulated:
+            log.info("baselines: training local-only and pooled models on the same splits ...")
+            fed.report.add_baselines(run_baselines(cfg, log))
+        else:
+            log.info("baselines skipped: hospitals' data is not visible to the server in deployment")
+    final = fed.finish(status, message)
+    log.info("%s: final model %s; metrics %s; plots %s", status, final, run_dir / "metrics.json", run_dir / "plots")
+    return run_dir
