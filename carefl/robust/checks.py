@@ -1,0 +1,41 @@
+"""Reject malformed hospital updates before they reach the aggregation maths."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+
+def validate_update(
+    hospital: str,
+    local_state: Mapping[str, Tensor],
+    global_state: Mapping[str, Tensor],
+    max_update_norm: float | None,
+) -> str | None:
+    """``None`` if ``local_state`` can be aggregated against ``global_state``, else one line
+    naming the hospital and the problem: missing / extra keys, a value that is not a tensor,
+    wrong shape or dtype, NaN/Inf, or an update norm ``||local - global||_2`` (over the float
+    entries) above ``max_update_norm`` (``None`` = no bound)."""
+    missing = sorted(set(global_state) - set(local_state))
+    extra = sorted(set(local_state) - set(global_state))
+    if missing or extra:
+        return f"hospital {hospital}: state dict keys differ from the global model (missing {missing[:5]}, extra {extra[:5]})"
+    sq_norm = 0.0
+    for k, g in global_state.items():
+        v = local_state[k]
+        if not isinstance(v, Tensor):
+            return f"hospital {hospital}: {k} is a {type(v).__name__}, not a tensor"
+        if v.shape != g.shape:
+            return f"hospital {hospital}: {k} has shape {tuple(v.shape)}, expected {tuple(g.shape)}"
+        if v.dtype != g.dtype:
+            return f"hospital {hospital}: {k} has dtype {v.dtype}, expected {g.dtype}"
+        if torch.is_floating_point(v):
+            if not torch.isfinite(v).all():
+                return f"hospital {hospital}: {k} contains NaN or Inf"
+            sq_norm += (v.double() - g.double()).square().sum().item()
+    norm = sq_norm**0.5
+    if max_update_norm is not None and not norm <= max_update_norm:
+        return f"hospital {hospital}: update norm {norm:.4g} exceeds max_update_norm={max_update_norm:.4g}"
+    return None
