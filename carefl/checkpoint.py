@@ -58,9 +58,14 @@ def _atomic_write(path: Path, mode: str, write: Callable[[IO], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)  # only our own temp file; the target is untouched
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """fsync a directory, making a file creation or rename inside it durable (POSIX)."""
+    dir_fd = os.open(directory, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 

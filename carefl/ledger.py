@@ -1,0 +1,385 @@
+"""Hash-chained audit ledger of a run, and ``carefl-verify``.
+
+``outputs/<run-id>/ledger.jsonl`` holds one JSON object per line (UTF-8, keys sorted, no
+spaces: the *canonical JSON* of :func:`canonical_json`). Entry schema:
+
+============ ==========================================================================
+index        int, position in the file (0, 1, 2, ...)
+kind         ``start`` (entry 0 only) | ``round`` | ``end`` (nothing may follow it)
+round        int: 0 for ``start``, the round number for ``round``, the last round for ``end``
+time         str, UTC ISO-8601 time of writing (e.g. ``2025-05-01T12:00:00.000+00:00``)
+config_hash  str, :func:`hash_config` of the resolved config
+model_before str | null, :func:`hash_state_dict` of the global model before the entry's step
+model_after  str, :func:`hash_state_dict` of the global model after it (for ``end``: the
+             model saved as ``model_final.pt``)
+hospitals    {hospital name: :class:`HospitalRecord`}; ``{}`` when no hospital took part
+prev_hash    str, the previous entry's ``hash``; :data:`GENESIS` (64 zeros) for entry 0
+hash         str, sha256 hex of the canonical JSON of the entry without ``hash``
+============ ==========================================================================
+
+Every hash is a 64-character lowercase sha256 hex digest. Editing, deleting, reordering or
+inserting an entry breaks a ``hash`` or ``prev_hash``; :func:`verify_run` also checks that
+``model_final.pt`` is the model the last entry recorded. A hash chain cannot stop someone
+from rewriting the *whole* file consistently: keep the head hash (printed in the run's logs
+and stored in every checkpoint as ``ledger_head``) somewhere the writer does not control.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypedDict
+
+import torch
+from torch import Tensor
+
+from carefl.checkpoint import fsync_dir
+from carefl.errors import CareFLError
+
+GENESIS = "0" * 64
+LEDGER_FILE = "ledger.jsonl"
+MODEL_FILE = "model_final.pt"
+KINDS = ("start", "round", "end")
+ENTRY_KEYS = (
+    "index", "kind", "round", "time", "config_hash", "model_before", "model_after", "hospitals", "prev_hash", "hash"
+)
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class HospitalRecord(TypedDict):
+    """What the ledger records about one hospital in one round."""
+
+    update_hash: str | None  # hash_state_dict of the update received; null if none arrived
+    norm: float | None  # L2 norm of the update (weights' units); null if none or not finite
+    accepted: bool  # whether the update entered the aggregate
+    reason: str | None  # why it was left out (required when accepted is false)
+    epsilon: float | None  # the hospital's reported DP epsilon so far; null without DP
+
+
+class LedgerError(CareFLError):
+    """A ledger cannot be opened or verified (message names the file and the fix)."""
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of :func:`verify_run`.
+
+    ``entries``: lines in the ledger; ``first_bad``: index of the first entry that fails
+    (``entries`` itself when an entry is missing at the end), None when ``ok`` or when the
+    chain is intact but the run has no verifiable final model; ``reason``: one line.
+    """
+
+    ok: bool
+    entries: int
+    first_bad: int | None
+    reason: str
+
+
+def canonical_json(obj: Any) -> str:
+    """Sorted keys, no spaces, UTF-8 text, no NaN/inf; mappings / sequences (e.g. a Hydra
+    ``DictConfig`` / ``ListConfig``) are written as JSON objects / arrays."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return dict(value)
+        if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+            return list(value)
+        raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=plain)
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def hash_config(cfg: Mapping) -> str:
+    """sha256 of the canonical JSON of the resolved config (a dict or a ``DictConfig``)."""
+    return _sha256(canonical_json(cfg))
+
+
+def hash_state_dict(state: Mapping[str, Tensor]) -> str:
+    """sha256 over the tensors of a state dict, in sorted key order.
+
+    Each tensor contributes a length-prefixed header (key, dtype, shape) and its raw bytes
+    (row-major, native byte order), so the digest does not depend on device, strides,
+    ``requires_grad`` or storage sharing: a state dict saved with ``torch.save`` and loaded
+    back hashes the same.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key]
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"state[{key!r}] is a {type(tensor).__name__}, not a Tensor")
+        tensor = tensor.detach().cpu().contiguous()
+        header = canonical_json({"key": key, "dtype": str(tensor.dtype), "shape": list(tensor.shape)}).encode()
+        digest.update(len(header).to_bytes(8, "little"))
+        digest.update(header)
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def entry_hash(entry: Mapping) -> str:
+    """The ``hash`` an entry must carry: sha256 of its canonical JSON without ``hash``."""
+    return _sha256(canonical_json({k: v for k, v in entry.items() if k != "hash"}))
+
+
+def _is_hex(value: Any) -> bool:
+    return isinstance(value, str) and _HEX64.fullmatch(value) is not None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _record_problem(name: str, rec: Any) -> str | None:
+    if not isinstance(rec, dict) or set(rec) != set(HospitalRecord.__annotations__):
+        return f"hospital {name!r}: record must have exactly the keys {sorted(HospitalRecord.__annotations__)}"
+    checks = {
+        "update_hash": rec["update_hash"] is None or _is_hex(rec["update_hash"]),
+        "norm": rec["norm"] is None or _is_number(rec["norm"]),
+        "accepted": isinstance(rec["accepted"], bool),
+        "reason": rec["reason"] is None or isinstance(rec["reason"], str),
+        "epsilon": rec["epsilon"] is None or _is_number(rec["epsilon"]),
+    }
+    bad = [key for key, ok in checks.items() if not ok]
+    if bad:
+        return f"hospital {name!r}: bad {bad} (see HospitalRecord)"
+    if not rec["accepted"] and not rec["reason"]:
+        return f"hospital {name!r}: a rejected update needs a reason"
+    return None
+
+
+def _schema_problem(entry: Any) -> str | None:
+    """Why ``entry`` does not follow the schema in the module docstring, or None."""
+    if not isinstance(entry, dict):
+        return "not a JSON object"
+    if set(entry) != set(ENTRY_KEYS):
+        return f"fields are {sorted(entry)}, expected {sorted(ENTRY_KEYS)}"
+    checks = {
+        "index": isinstance(entry["index"], int) and not isinstance(entry["index"], bool),
+        "kind": entry["kind"] in KINDS,
+        "round": isinstance(entry["round"], int) and not isinstance(entry["round"], bool) and entry["round"] >= 0,
+        "time": isinstance(entry["time"], str),
+        "config_hash": _is_hex(entry["config_hash"]),
+        "model_before": entry["model_before"] is None or _is_hex(entry["model_before"]),
+        "model_after": _is_hex(entry["model_after"]),
+        "hospitals": isinstance(entry["hospitals"], dict),
+        "prev_hash": _is_hex(entry["prev_hash"]),
+        "hash": _is_hex(entry["hash"]),
+    }
+    bad = [key for key, ok in checks.items() if not ok]
+    if bad:
+        return f"bad value for {bad}"
+    return next((p for name, rec in entry["hospitals"].items() if (p := _record_problem(name, rec))), None)
+
+
+def _order_problem(index: int, kind: str, prev_kind: str | None) -> str | None:
+    """Kinds must read start, round..., end."""
+    if index == 0 and kind != "start":
+        return f"the first entry is {kind!r}, not 'start'"
+    if index > 0 and kind == "start":
+        return "a 'start' entry after entry 0"
+    if prev_kind == "end":
+        return "an entry after the 'end' entry"
+    return None
+
+
+def _read_chain(path: Path) -> tuple[list[dict], int, int | None, str]:
+    """``(intact entries, lines in the file, index of the first bad entry or None, reason)``."""
+    *lines, tail = path.read_bytes().split(b"\n")
+    if tail:
+        lines.append(tail)
+    entries: list[dict] = []
+    prev_hash, prev_kind = GENESIS, None
+    for i, line in enumerate(lines):
+        if i == len(lines) - 1 and tail:
+            return entries, len(lines), i, "the last line is cut off (no newline at the end): truncated"
+        try:
+            entry = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            return entries, len(lines), i, f"not valid JSON ({err}): the line was truncated or edited"
+        problem = _schema_problem(entry)
+        if problem is None and entry["hash"] != entry_hash(entry):
+            problem = "its hash does not match its content: the entry was edited or forged"
+        if problem is None and entry["index"] != i:
+            problem = f"its index is {entry['index']}, expected {i}: an entry was deleted, or entries were reordered"
+        if problem is None and entry["prev_hash"] != prev_hash:
+            problem = (
+                "prev_hash is not the genesis hash: entries before it were removed"
+                if i == 0
+                else f"prev_hash does not match entry {i - 1}'s hash: entry {i - 1} was altered, "
+                "or an entry was inserted, deleted or moved here"
+            )
+        problem = problem or _order_problem(i, entry["kind"], prev_kind)
+        if problem:
+            return entries, len(lines), i, problem
+        entries.append(entry)
+        prev_hash, prev_kind = entry["hash"], entry["kind"]
+    return entries, len(lines), None, ""
+
+
+def _finite_or_none(value: Any) -> float | None:
+    """A Python float for JSON (accepts 0-d tensors, numpy scalars); NaN/inf -> None."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class Ledger:
+    """Append-only writer of ``ledger.jsonl``; each append is flushed and fsync'ed.
+
+    Opening an existing file verifies its chain and continues it (resume). ``expect_head``
+    (a checkpoint's ``ledger_head``) must then be the hash of one of its entries; entries
+    after it record rounds whose checkpoint was lost in a crash and stay in the audit trail.
+
+    Raises:
+        LedgerError: the existing file is broken, already ended, or lacks ``expect_head``.
+    """
+
+    #: fields :meth:`append` takes from its caller (the rest are computed)
+    FIELDS = ("round", "config_hash", "model_before", "model_after", "hospitals")
+    REQUIRED = ("round", "config_hash", "model_after")
+
+    def __init__(self, path: str | os.PathLike, expect_head: str | None = None) -> None:
+        self.path = Path(path)
+        entries: list[dict] = []
+        if self.path.exists():
+            entries, _, bad, reason = _read_chain(self.path)
+            if bad is not None:
+                raise LedgerError(
+                    f"{self.path}: entry {bad}: {reason}; the audit trail is broken, so this run "
+                    "cannot be continued: start a new run without resume="
+                )
+            if entries and entries[-1]["kind"] == "end":
+                raise LedgerError(f"{self.path} already ends with an 'end' entry: the run finished; start a new run")
+        if expect_head is not None and expect_head not in {e["hash"] for e in entries}:
+            raise LedgerError(
+                f"{self.path} has no entry with hash {expect_head[:12]}... (the checkpoint's ledger_head): "
+                "the ledger and the checkpoint come from different runs, or the ledger was rewritten"
+            )
+        self._count = len(entries)
+        self._last_kind = entries[-1]["kind"] if entries else None
+        self._head = entries[-1]["hash"] if entries else GENESIS
+
+    @property
+    def head(self) -> str:
+        """Hash of the last entry (:data:`GENESIS` for an empty ledger)."""
+        return self._head
+
+    def __len__(self) -> int:
+        return self._count
+
+    def append(self, kind: str, **fields: Any) -> dict:
+        """Write one entry and return it (as it reads back from the file, with its hash).
+
+        ``fields``: ``round``, ``config_hash``, ``model_after`` (required), ``model_before``
+        (default None), ``hospitals`` ({name: :class:`HospitalRecord`}, default {}). ``norm``
+        and ``epsilon`` may be tensors / numpy scalars; non-finite values are stored as null.
+
+        Raises:
+            TypeError: a field is missing or unknown. ValueError: a value breaks the schema
+            or the order start, round..., end. Nothing is written then.
+        """
+        unknown = sorted(set(fields) - set(self.FIELDS))
+        missing = [key for key in self.REQUIRED if key not in fields]
+        if unknown or missing:
+            raise TypeError(f"Ledger.append: unknown fields {unknown}, missing fields {missing}")
+        hospitals = {
+            name: {**rec, **{k: _finite_or_none(rec[k]) for k in ("norm", "epsilon") if k in rec}}
+            for name, rec in dict(fields.get("hospitals", {})).items()
+        }
+        entry = {
+            "index": self._count,
+            "kind": kind,
+            "round": fields["round"],
+            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "config_hash": fields["config_hash"],
+            "model_before": fields.get("model_before"),
+            "model_after": fields["model_after"],
+            "hospitals": hospitals,
+            "prev_hash": self._head,
+        }
+        entry = json.loads(canonical_json(entry))  # exactly what a reader will parse
+        entry["hash"] = entry_hash(entry)
+        problem = _schema_problem(entry) or _order_problem(self._count, kind, self._last_kind)
+        if problem:
+            raise ValueError(f"ledger entry {self._count} not written: {problem}")
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(canonical_json(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self._count == 0:
+            fsync_dir(self.path.parent)  # the file's creation is durable too
+        self._count += 1
+        self._last_kind = kind
+        self._head = entry["hash"]
+        return entry
+
+
+def verify_run(run_dir: str | os.PathLike) -> VerifyResult:
+    """Check ``run_dir/ledger.jsonl``'s chain and that ``run_dir/model_final.pt`` (a
+    ``torch.save``'d state dict) hashes to the last entry's ``model_after``.
+
+    Raises:
+        LedgerError: ``run_dir`` or its ledger does not exist (nothing to verify).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise LedgerError(f"run directory {run_dir} not found; pass a run directory such as outputs/<run-id>")
+    path = run_dir / LEDGER_FILE
+    if not path.is_file():
+        raise LedgerError(f"{path} not found: {run_dir} is not a CareFL run directory, or its run never started")
+    entries, n, bad, reason = _read_chain(path)
+    if bad is not None:
+        return VerifyResult(False, n, bad, reason)
+    if n == 0:
+        return VerifyResult(False, 0, 0, "the ledger is empty")
+    last = entries[-1]
+    model = run_dir / MODEL_FILE
+    if not model.is_file():
+        state = "the run ended, so the file was removed" if last["kind"] == "end" else "the run has not finished"
+        reason = f"{MODEL_FILE} not found in {run_dir} ({state}); the chain of {n} entries is intact"
+        return VerifyResult(False, n, None, reason)
+    if last["kind"] != "end":
+        reason = f"missing: the ledger stops at entry {n - 1} ({last['kind']!r}) although {MODEL_FILE} exists"
+        return VerifyResult(False, n, n, reason + "; entries were removed from the end")
+    try:
+        actual = hash_state_dict(torch.load(model, map_location="cpu", weights_only=True))
+    except Exception as err:  # unreadable or not a state dict: cannot match either way
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
+        return VerifyResult(False, n, n - 1, f"{MODEL_FILE} cannot be read as a state dict ({first})")
+    if actual != last["model_after"]:
+        reason = f"{MODEL_FILE} hashes to {actual[:12]}..., but the entry records {last['model_after'][:12]}..."
+        return VerifyResult(False, n, n - 1, reason + " as model_after: the model file was replaced or altered")
+    return VerifyResult(True, n, None, f"chain intact, {MODEL_FILE} matches entry {n - 1}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``carefl-verify <run_dir>``: exit 0 intact, 1 tampered / incomplete, 2 nothing to verify."""
+    parser = argparse.ArgumentParser(prog="carefl-verify", description="Verify a CareFL run's audit ledger.")
+    parser.add_argument("run_dir", help="a run directory, e.g. outputs/<run-id>")
+    args = parser.parse_args(argv)
+    try:
+        result = verify_run(args.run_dir)
+    except LedgerError as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 2
+    if result.ok:
+        print(f"OK: {result.entries} entries, {result.reason}")
+        return 0
+    if result.first_bad is None:
+        print(f"INCOMPLETE: {result.reason}")
+    else:
+        print(f"TAMPERED: entry {result.first_bad}: {result.reason}")
+    return 1
