@@ -1,0 +1,151 @@
+"""Each aggregation rule against its definition on small hand-checkable inputs."""
+
+import itertools
+
+import pytest
+import torch
+
+from carefl.robust.bulyan import Bulyan
+from carefl.robust.centered_clip import CenteredClipping
+from carefl.robust.geomed import GeometricMedian
+from carefl.robust.krum import Krum, MultiKrum
+from carefl.robust.linalg import _batcher_network, dists_to, pairwise_sq_dists, sort_columns
+from carefl.robust.mean import WeightedMean
+from carefl.robust.median import CoordinateMedian
+from carefl.robust.trimmed_mean import TrimmedMean
+
+torch.set_num_threads(1)
+
+
+def col(*values):
+    return torch.tensor([[float(v)] for v in values])
+
+
+def ones(n):
+    return torch.ones(n)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 13, 20, 33, 41])
+def test_sort_columns_matches_torch_sort(n):
+    x = torch.randn(n, 257)
+    assert torch.equal(sort_columns(x), x.sort(dim=0).values)
+
+
+def test_sorting_network_sorts_every_01_input():
+    # 0-1 principle: a comparator network sorts everything iff it sorts all 0/1 inputs.
+    for n in (3, 6, 7, 11):
+        for bits in itertools.product((0, 1), repeat=n):
+            v = list(bits)
+            for i, j in _batcher_network(n):
+                if v[i] > v[j]:
+                    v[i], v[j] = v[j], v[i]
+            assert v == sorted(v)
+
+
+def test_pairwise_distances_survive_a_large_common_offset():
+    x = torch.randn(6, 5000) * 1e-2 + 1e3  # float32 raw Gram would cancel catastrophically
+    ref = torch.cdist(x.double(), x.double()).square()
+    assert torch.allclose(pairwise_sq_dists(x), ref, rtol=1e-3, atol=1e-6)
+    assert torch.allclose(dists_to(x, x[0]), ref[0].sqrt(), rtol=1e-3, atol=1e-6)
+
+
+def test_median_odd_and_even():
+    assert CoordinateMedian()(col(1, 2, 100), ones(3)).update.tolist() == [2.0]
+    assert CoordinateMedian()(col(100, 1, 3, 2), ones(4)).update.tolist() == [2.5]
+    res = CoordinateMedian()(col(1, 2, 100), ones(3))
+    assert res.scores.tolist() == [1.0, 0.0, 98.0] and res.selected.all()
+
+
+def test_trimmed_mean_by_hand():
+    x = torch.tensor([[1.0, 10], [2, -50], [3, 30], [4, 40], [100, 20]])
+    res = TrimmedMean(f=1)(x, ones(5))
+    # col 0 drops 1 and 100 -> (2+3+4)/3; col 1 drops -50 and 40 -> (10+30+20)/3
+    assert torch.allclose(res.update, torch.tensor([3.0, 20.0]))
+    assert res.scores.tolist() == [0.5, 0.5, 0.0, 0.5, 0.5]
+    assert torch.equal(TrimmedMean(f=0, beta=0.2)(x, ones(5)).update, res.update)
+    assert torch.allclose(TrimmedMean(f=0)(x, ones(5)).update, x.mean(0))
+
+
+def test_trimmed_mean_flags_the_always_trimmed_outlier():
+    x = torch.randn(6, 40)
+    x[5] = 1e3
+    res = TrimmedMean(f=1)(x, ones(6))
+    assert res.scores[5] == 1.0 and res.selected.tolist() == [True] * 5 + [False]
+
+
+def test_krum_and_multikrum_by_hand():
+    x = col(0, 1, 2, 10, 11)  # n=5, f=1 -> 2 nearest neighbours
+    res = Krum(f=1)(x, ones(5))
+    # squared distances to the 2 nearest: 0:1+4, 1:1+1, 2:1+4, 10:64+1, 11:81+1
+    assert torch.allclose(res.scores, torch.tensor([5.0, 2, 5, 65, 82], dtype=torch.float64), atol=1e-4)
+    assert res.update.tolist() == [1.0]
+    assert res.selected.tolist() == [False, True, False, False, False]
+    multi = MultiKrum(f=1, m=3)(x, ones(5))
+    assert multi.update.tolist() == [1.0]  # mean of 0, 1, 2
+    assert multi.selected.tolist() == [True, True, True, False, False]
+    assert MultiKrum(f=1)(x, ones(5)).selected.sum() == 4  # m = n - f
+
+
+def test_bulyan_by_hand_n7_f1():
+    # theta = 5 selected by Krum score (4 nearest), beta = 3 closest to the median per coordinate
+    x = torch.tensor([[0, 0], [1, 0.1], [2, 0.5], [3, 0.6], [4, 0.2], [50, 0], [-40, 0]])
+    res = Bulyan(f=1)(x, ones(7))
+    assert res.selected.tolist() == [True] * 5 + [False, False]
+    # col 0: 0..4, median 2, closest {1,2,3} -> 2; col 1: median 0.2, closest {0.2,0.1,0} -> 0.1
+    assert torch.allclose(res.update, torch.tensor([2.0, 0.1]))
+
+
+def test_bulyan_matches_its_definition_on_random_inputs():
+    torch.manual_seed(0)
+    n, f = 11, 2
+    x = torch.randn(n, 300)
+    res = Bulyan(f=f)(x, ones(n))
+    sel = x[res.selected]
+    med = sel.median(dim=0).values if sel.shape[0] % 2 else sel.quantile(0.5, dim=0)
+    beta = n - 4 * f
+    idx = (sel - med).abs().argsort(dim=0)[:beta]
+    assert torch.allclose(res.update, sel.gather(0, idx).mean(0), atol=1e-6)
+    assert torch.equal(res.selected, torch.isin(torch.arange(n), res.scores.argsort()[: n - 2 * f]))
+
+
+def test_geometric_median_of_symmetric_points_and_on_a_line():
+    square = torch.tensor([[1.0, 1], [-1, 1], [-1, -1], [1, -1], [0.0, 0.0]]) + 5
+    assert torch.allclose(GeometricMedian()(square, ones(5)).update, torch.tensor([5.0, 5.0]), atol=1e-4)
+    # equilateral triangle: the Fermat point is the centroid
+    tri = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 3**0.5]])
+    assert torch.allclose(GeometricMedian()(tri, ones(3)).update, tri.mean(0), atol=1e-4)
+    # 1-D: the geometric median is the median, whatever the outlier
+    assert abs(GeometricMedian()(col(0, 1, 1e4), ones(3)).update.item() - 1.0) < 1e-3
+
+
+def test_geometric_median_beats_perturbations():
+    torch.manual_seed(1)
+    x = torch.randn(7, 4)
+    x[0] += 50
+    v = GeometricMedian(tol=1e-10)(x, ones(7)).update
+    obj = lambda p: (x - p).norm(dim=1).sum()  # noqa: E731
+    for _ in range(20):
+        assert obj(v) <= obj(v + 1e-2 * torch.randn(4)) + 1e-5
+
+
+def test_centered_clipping_by_hand_and_momentum_state():
+    x = col(0, 1, 10)
+    cc = CenteredClipping(tau=2.0, iters=1)
+    res = cc(x, ones(3))
+    # from v=0: scales 1, 1, 2/10 -> v = (0 + 1 + 2) / 3
+    assert torch.allclose(res.update, torch.tensor([1.0]))
+    assert res.selected.tolist() == [True, True, False]
+    # next round starts from v=1: diffs -1, 0, 9 -> scales 1, 1, 2/9 -> v = 1 + (-1 + 0 + 2)/3
+    resumed = CenteredClipping(tau=2.0, iters=1)
+    resumed.load_state_dict(cc.state_dict())
+    assert torch.allclose(resumed(x, ones(3)).update, torch.tensor([4.0 / 3]))
+    assert torch.allclose(cc(x, ones(3)).update, torch.tensor([4.0 / 3]))
+    assert torch.allclose(CenteredClipping(tau=2.0, iters=2)(x, ones(3)).update, torch.tensor([4.0 / 3]))
+
+
+def test_mean_caps_claims_at_the_median_claim():
+    x = col(1, 2, 3, 4)
+    res = WeightedMean(weighted=True)(x, torch.tensor([10.0, 20, 30, 1e9]))
+    # median claim 25 -> weights 10, 20, 25, 25 out of 80
+    assert torch.allclose(res.update, torch.tensor([(10 + 40 + 75 + 100) / 80.0]))
+    assert WeightedMean(weighted=False)(x, torch.tensor([1.0, 1, 1, 1e9])).update.tolist() == [2.5]
