@@ -1,5 +1,8 @@
 """carefl.models: every conf/model/*.yaml trains under real Opacus DP-SGD on each task it supports."""
 
+import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -111,3 +114,13 @@ def test_unknown_model_name_lists_choices():
     cfg.model.name = "resnet9000"
     with pytest.raises(ConfigError, match=r"model=resnet9000 .*basicunet.*unet"):
         build_model(cfg)
+
+
+def test_bench_dp_tiny_smoke(tmp_path):
+    root = CONF.parent
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(root / "benchmarks/bench_dp.py"), "--tiny", "--modes", "hooks",
+                    "--out", str(out)], check=True, cwd=root, capture_output=True, timeout=120)
+    rows = json.loads(out.read_text())["results"]
+    assert sorted(r["model"] for r in rows) == sorted(OmegaConf.load(f).name for f in MODEL_FILES)
+    assert all(r["error"] is None and r["dp_ms"] > 0 and r["plain_ms"] > 0 for r in rows)
