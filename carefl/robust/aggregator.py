@@ -38,6 +38,8 @@ class Aggregator:
         n = updates.shape[0]
         check_assumptions(self.cfg, n)
         claims = torch.as_tensor(claimed_examples, dtype=torch.float64)
+        if claims.shape != (n,):
+            raise ValueError(f"{n} updates but {tuple(claims.shape)} claimed example counts")
         owner = torch.arange(n)
         rows = updates
         for pre in self.pre:

@@ -37,8 +37,10 @@ class MultiKrum(Rule):
         chosen = torch.argsort(scores, stable=True)[:m]
         selected = torch.zeros(n, dtype=torch.bool)
         selected[chosen] = True
-        update = updates[chosen[0]].clone() if m == 1 else updates[chosen].mean(dim=0)
-        return AggResult(update, scores, selected)
+        if m == 1:
+            return AggResult(updates[chosen[0]].clone(), scores, selected)
+        # a weight vector, not updates[chosen].mean(0): no (m, d) copy of the selected rows
+        return AggResult((selected.to(updates.dtype) / m) @ updates, scores, selected)
 
 
 class Krum(MultiKrum):

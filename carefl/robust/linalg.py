@@ -17,8 +17,9 @@ from torch import Tensor
 #: floats per column block for order statistics: n x 16384 x 4 bytes stays in L2 cache for
 #: n ~ 20, which is what makes the sorting network below fast.
 SORT_BLOCK = 16384
-#: floats per column block for Gram / distance passes (matmul is cache-blocked already).
-DIST_BLOCK = 1 << 20
+#: floats per column block for Gram / distance passes: small enough that the centred /
+#: shifted temporary (n x 65536 floats) stays in cache; per-block results are summed in float64.
+DIST_BLOCK = 1 << 16
 #: up to this many rows, columns are sorted with an elementwise min/max sorting network
 #: (about 8x faster than ``torch.sort`` along dim 0 on CPU); above it ``torch.sort``.
 NETWORK_MAX_N = 40
@@ -55,7 +56,7 @@ def dists_to(x: Tensor, v: Tensor) -> Tensor:
     n, d = x.shape
     acc = torch.zeros(n, dtype=torch.float64)
     for cols in column_blocks(d, DIST_BLOCK):
-        acc += (x[:, cols] - v[cols]).square().sum(dim=1, dtype=torch.float64)
+        acc += torch.linalg.vector_norm(x[:, cols] - v[cols], dim=1).double().square()
     return acc.sqrt()
 
 

@@ -34,7 +34,8 @@ def flatten_updates(local_states: Sequence[Mapping[str, Tensor]], global_state: 
         start = 0
         for k in keys:
             g = global_state[k]
-            out[i, start : start + g.numel()] = (local[k].detach().float() - g.detach().float()).reshape(-1)
+            row = out[i, start : start + g.numel()].view(g.shape)
+            row.copy_(local[k].detach()).sub_(g.detach().float())  # in place: no temporaries
             start += g.numel()
     return out
 
