@@ -95,6 +95,14 @@ def test_bulyan_by_hand_n7_f1():
     assert torch.allclose(res.update, torch.tensor([2.0, 0.1]))
 
 
+def test_bulyan_beta_closest_with_duplicate_values():
+    # selected column 1 values -1, -1, 0, 0.5, 3: median 0, 3 closest are 0, 0.5 and one -1
+    x = torch.tensor([[0, -1], [0, -1], [0, 0], [0, 0.5], [0, 3], [100, 0], [-100, 0]])
+    res = Bulyan(f=1)(x, ones(7))
+    assert res.selected.tolist() == [True] * 5 + [False, False]
+    assert torch.allclose(res.update, torch.tensor([0.0, -1.0 / 6]))
+
+
 def test_bulyan_matches_its_definition_on_random_inputs():
     torch.manual_seed(0)
     n, f = 11, 2

@@ -20,8 +20,8 @@ class Bulyan(Rule):
     scores: Krum score. selected: in the theta-set of step 1.
 
     Step 2 works on sorted columns: the ``beta`` values closest to the median form a
-    contiguous window of the sorted column; of the ``2f + 1`` windows, the one whose farther
-    end is nearest the median is taken.
+    contiguous window of the sorted column, found by counting the window slides that bring a
+    closer value in (duplicate values are handled exactly).
     """
 
     def __init__(self, f: int = 0):
@@ -40,13 +40,12 @@ class Bulyan(Rule):
         for cols in column_blocks(d, SORT_BLOCK):
             s = sort_columns(updates[chosen, cols])
             med = median_of_sorted(s)
+            # sliding the window right by one swaps s[a] out for s[a + beta]; it helps iff
+            # s[a + beta] is closer to the median. |s - med| is V-shaped along the sorted column,
+            # so the helpful slides form a prefix and the best start is their count.
             best_start = torch.zeros(s.shape[1], dtype=torch.long)
-            best_reach = torch.maximum(med - s[0], s[beta - 1] - med)
-            for a in range(1, theta - beta + 1):
-                reach = torch.maximum(med - s[a], s[a + beta - 1] - med)
-                better = reach < best_reach
-                best_start[better] = a
-                best_reach = torch.where(better, reach, best_reach)
+            for a in range(theta - beta):
+                best_start += (s[a + beta] - med).abs() < (s[a] - med).abs()
             rows = best_start + torch.arange(beta)[:, None]
             update[cols] = s.gather(0, rows).mean(dim=0)
         return AggResult(update, scores, selected)
