@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from carefl import attacks, checkpoint, robust
-from carefl.errors import CareFLError, ConfigError
+from carefl.errors import CareFLError
 from carefl.hospital import TrainReply
 from carefl.ledger import Ledger, hash_config, hash_state_dict
 from carefl.report import Report
@@ -63,16 +63,10 @@ class Federation:
         self.report = Report(self.run_dir, cfg)
         self.global_state = {k: v.detach().clone() for k, v in initial_state.items()}
         self.next_round = 1
-        if resume:
-            self._restore(checkpoint.load_latest_checkpoint(self.run_dir))
-            self.ledger = Ledger(self.run_dir / "ledger.jsonl")
-            if self.ledger.head != self._ledger_head:
-                raise ConfigError(
-                    f"{self.run_dir}/ledger.jsonl does not end where checkpoint round {self.next_round - 1} "
-                    "does; verify it with carefl-verify and resume from an intact run directory"
-                )
-            self.ledger.append("resume", round=self.next_round - 1, config_hash=self.config_hash,
-                               model_before=hash_state_dict(self.global_state))
+        if resume:  # the ledger must contain the checkpoint's head; the chain continues from it
+            state = checkpoint.load_latest_checkpoint(self.run_dir)
+            self._restore(state)
+            self.ledger = Ledger(self.run_dir / "ledger.jsonl", expect_head=state["ledger_head"])
         else:
             self.ledger = Ledger(self.run_dir / "ledger.jsonl")
             self.ledger.append("start", round=0, config_hash=self.config_hash,
@@ -120,16 +114,15 @@ class Federation:
         result = self.aggregator(updates, claimed)
         step = self.server_opt.step(result.update)
         self.global_state = robust.apply_update(self.global_state, step)
-        signals = robust.signals(updates, result)
         names = [r.hospital for r in accepted]
-        reputation = self.reputation.update(names, signals)
-        update_hashes = [hash_state_dict({"u": row}) for row in updates]
+        signals = robust.round_signals(names, updates, result)
+        reputation = self.reputation.update(signals)
         for i, r in enumerate(accepted):
             per_hospital[r.hospital] = {
                 "accepted": True, "reason": None, "epsilon": r.metrics.get("epsilon"),
-                "update_hash": update_hashes[i], "norm": signals[i]["norm"],
+                "update_hash": hash_state_dict({"update": updates[i]}), "norm": signals[r.hospital]["norm"],
             }
-        robust_record = {n: {**signals[i], "reputation": reputation[n]} for i, n in enumerate(names)}
+        robust_record = {n: {**signals[n], "reputation": reputation[n]} for n in names}
         self.report.add_round(server_round, replies, robust_record, rejected)
         self.ledger.append("round", round=server_round, config_hash=self.config_hash,
                            model_before=model_before, model_after=hash_state_dict(self.global_state),
@@ -142,6 +135,7 @@ class Federation:
 
     def checkpoint(self, server_round: int) -> None:
         """Atomically save everything needed to continue after ``server_round``."""
+        self.next_round = server_round + 1
         checkpoint.save_round_checkpoint(self.run_dir, server_round, {
             "round": server_round,
             "global_model": self.global_state,
@@ -161,7 +155,6 @@ class Federation:
         self.aggregator.load_state_dict(state["aggregator"])
         self.reputation.load_state_dict(state["reputation"])
         self.report.load_state_dict(state["metrics"])
-        self._ledger_head = state["ledger_head"]
         self.next_round = int(state["round"]) + 1
 
     def finish(self, status: str, message: str = "") -> Path:
@@ -169,6 +162,6 @@ class Federation:
         final = self.run_dir / "model_final.pt"
         checkpoint.atomic_save(self.global_state, final)
         self.ledger.append("end", round=self.next_round - 1, config_hash=self.config_hash,
-                           model_after=hash_state_dict(self.global_state), status=status, message=message)
+                           model_after=hash_state_dict(self.global_state))
         self.report.finish(status, message)
         return final

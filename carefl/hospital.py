@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from carefl import attacks, privacy
 from carefl.data import load_hospital
 from carefl.errors import ConfigError
-from carefl.models import build_model
+from carefl.models import build_model, plain_state_dict
 from carefl.training import evaluate, make_loader, make_optimizer, train_epochs
 
 #: node-config keys a SuperNode may set (``flower-supernode --node-config 'k=v ...'``)
@@ -96,6 +96,12 @@ def local_steps(num_examples: int, batch_size: int, epochs: int) -> int:
     return epochs * math.ceil(num_examples / batch_size)
 
 
+def _requested_cap(privacy_cfg) -> float:
+    """The epsilon cap a hospital falls back to when its site policy sets none: the server's
+    target (or unlimited when the server gives sigma directly). A hospital's own cap wins."""
+    return float(privacy_cfg.target_epsilon) if privacy_cfg.target_epsilon else float("inf")
+
+
 def planned_noise_multiplier(cfg, num_examples: int, delta: float, epochs: int) -> float:
     """``privacy.noise_multiplier``, or the sigma calibrated ONCE so that ``epochs`` passes
     (all rounds x local epochs) of Poisson-sampled DP-SGD reach ``privacy.target_epsilon``."""
@@ -103,7 +109,7 @@ def planned_noise_multiplier(cfg, num_examples: int, delta: float, epochs: int) 
         return float(cfg.privacy.noise_multiplier)
     batch = cfg.federation.batch_size
     return privacy.calibrate_noise(
-        cfg.privacy.target_epsilon, delta, min(1.0, batch / num_examples),
+        cfg.privacy.target_epsilon, delta, privacy.sample_rate(num_examples, batch),
         local_steps(num_examples, batch, epochs), cfg.privacy.accountant,
     )
 
@@ -143,16 +149,19 @@ def train_round(cfg, hospital: Hospital, global_state: dict[str, torch.Tensor], 
         metrics.update(train_loss=result.loss, steps=float(result.steps))
         return TrainReply(hospital.name, "ok", "", model.state_dict(), metrics)
 
-    policy = privacy.site_policy(hospital.node_config, requested_delta=cfg.privacy.target_delta)
-    sample_rate = min(1.0, fed.batch_size / n)
+    policy = privacy.site_policy(
+        hospital.node_config,
+        requested_epsilon=_requested_cap(cfg.privacy),
+        requested_delta=cfg.privacy.target_delta,
+    )
+    sample_rate = privacy.sample_rate(n, fed.batch_size)
     steps = local_steps(n, fed.batch_size, fed.local_epochs)
     sigma = planned_noise_multiplier(cfg, n, policy.delta, fed.rounds * fed.local_epochs)
-    store = privacy.AccountantStore(hospital.state_dir)
-    history = store.load()
+    history = privacy.load_history(hospital.state_dir)
     ok, projected, reason = privacy.budget_check(policy, history, sigma, sample_rate, steps, cfg.privacy.accountant)
     metrics.update(epsilon_cap=policy.epsilon_cap, delta=policy.delta, noise_multiplier=float(sigma))
     if not ok:
-        metrics["epsilon"] = privacy.epsilon(history, policy.delta, cfg.privacy.accountant)
+        metrics["epsilon"] = privacy.epsilon(history, policy.delta, cfg.privacy.accountant) if history else 0.0
         return TrainReply(hospital.name, "refused", f"{hospital.name}: {reason}", None, metrics)
     dp_model, dp_optimizer, dp_loader, engine = privacy.make_private(
         model,
@@ -163,15 +172,17 @@ def train_round(cfg, hospital: Hospital, global_state: dict[str, torch.Tensor], 
         accountant=cfg.privacy.accountant,
         secure_mode=cfg.privacy.secure_mode,
         history=history,
+        grad_sample_mode=cfg.privacy.get("grad_sample_mode", "hooks"),
     )
     result = train_epochs(dp_model, dp_optimizer, dp_loader, cfg.task, fed.local_epochs, cfg.strategy.prox_mu)
-    history = store.save(engine.accountant)
+    history = list(engine.accountant.history)
+    privacy.save_history(hospital.state_dir, history)
     metrics.update(
         train_loss=result.loss,
         steps=float(result.steps),
         epsilon=privacy.epsilon(history, policy.delta, cfg.privacy.accountant),
     )
-    return TrainReply(hospital.name, "ok", "", privacy.plain_state_dict(dp_model), metrics)
+    return TrainReply(hospital.name, "ok", "", plain_state_dict(dp_model), metrics)
 
 
 def evaluate_round(cfg, hospital: Hospital, global_state: dict[str, torch.Tensor]) -> dict[str, float]:
