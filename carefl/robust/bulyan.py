@@ -39,13 +39,15 @@ class Bulyan(Rule):
         update = torch.empty(d, dtype=updates.dtype)
         for cols in column_blocks(d, SORT_BLOCK):
             s = sort_columns(updates[chosen, cols])
-            med = median_of_sorted(s)
             # sliding the window right by one swaps s[a] out for s[a + beta]; it helps iff
             # s[a + beta] is closer to the median. |s - med| is V-shaped along the sorted column,
-            # so the helpful slides form a prefix and the best start is their count.
+            # so the helpful slides form a prefix and the best start is their count. Compared in
+            # float64, where differences of float32 values are exact (no float32 near-ties).
+            s64 = s.double()
+            med = median_of_sorted(s64)
             best_start = torch.zeros(s.shape[1], dtype=torch.long)
             for a in range(theta - beta):
-                best_start += (s[a + beta] - med).abs() < (s[a] - med).abs()
+                best_start += (s64[a + beta] - med).abs() < (s64[a] - med).abs()
             rows = best_start + torch.arange(beta)[:, None]
             update[cols] = s.gather(0, rows).mean(dim=0)
         return AggResult(update, scores, selected)
