@@ -8,7 +8,15 @@ split alone, and once on the pooled training splits of all sites, then prints th
     .venv/bin/python benchmarks/synthetic_sites.py [--task seg2d] [--epochs 5] [--local-epochs 15]
         [--seed 0] [--out x.json]
 
-CPU only, ~1 minute for seg2d on one core.
+CPU only, ~15-25 s for seg2d on one core. Measured (seg2d, pooled 5 epochs, local-only 15 so
+each local model gets at least as many steps as the pooled one), mean test Dice:
+
+    seed  pooled on (st-mary, riverside, northfield)   local-only, mean off-site Dice
+    0     0.860  0.873  0.859                          0.421  0.165  0.505
+    1     0.781  0.880  0.870                          0.432  0.195  0.506
+    2     0.856  0.791  0.813                          0.366  0.066  0.494
+
+On its own site a local model reaches 0.87-0.98.
 """
 
 from __future__ import annotations

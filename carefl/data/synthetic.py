@@ -2,8 +2,9 @@
 
 Every image is a slice (2D, ``image_size`` x ``image_size``) or volume (3D, ``image_size_3d``
 cubed) of an elliptical organ with smooth tissue texture, in which irregular lesions (each the
-union of three overlapping ellipsoids) are placed. Segmentation targets are the lesion masks;
-classification targets are "lesion present" (1) / "absent" (0). Each hospital renders its
+union of three overlapping ellipsoids) are placed. Segmentation targets are the lesion masks
+(every image has at least one lesion); classification targets are "lesion present" (1, one
+lesion at 70 % of the site's radius) / "absent" (0). Each hospital renders its
 patients through its own *site profile* -- the scanner and population of that hospital:
 
 ====  ==========  =========================================================================
@@ -28,7 +29,7 @@ A model trained on one of the first three sites alone transfers badly to the oth
 Measured numbers are in ``benchmarks/synthetic_sites.py``.
 
 The images themselves are drawn from ``(seed, index, split)``: same config -> bitwise identical
-tensors. Generation is vectorised over images (seg2d, all three default sites: ~0.1 s) and
+tensors. Generation is vectorised over images (seg2d, all three default sites: ~0.2 s; seg3d ~1.5 s) and
 cached in-process, because Flower re-creates the ClientApp every round in the same process.
 """
 
@@ -47,6 +48,7 @@ from torch.utils.data import TensorDataset
 from carefl.errors import ConfigError
 
 _SUBBLOBS = 3  # ellipsoids per lesion (their union makes the lesion irregular)
+_CLS_RADIUS = 0.7  # classification lesions are 70 % of the site's segmentation lesion radius
 _RIM_CORE = 0.6  # rim lesions: the core is the inner 60 % of the lesion radius
 
 
@@ -76,18 +78,18 @@ class SiteProfile:
 
 SITES: tuple[SiteProfile, ...] = (
     SiteProfile(  # st-mary
-        polarity=1.0, core=1.0, tissue=0.4, contrast=0.45, texture=0.15, noise=0.03,
-        blur=0.6, bias=0.1, radius=(0.25, 0.4), count=(2, 4), positive=0.5,
+        polarity=1.0, core=1.0, tissue=0.4, contrast=0.45, texture=0.08, noise=0.03,
+        blur=0.6, bias=0.1, radius=(0.3, 0.45), count=(2, 4), positive=0.5,
         size_scale=1.0, gain=1.0, offset=0.0,
     ),
     SiteProfile(  # riverside
-        polarity=-1.0, core=1.0, tissue=0.7, contrast=0.45, texture=0.2, noise=0.05,
-        blur=0.0, bias=0.15, radius=(0.3, 0.45), count=(2, 3), positive=0.3,
+        polarity=-1.0, core=1.0, tissue=0.7, contrast=0.45, texture=0.1, noise=0.05,
+        blur=0.0, bias=0.15, radius=(0.32, 0.48), count=(2, 3), positive=0.3,
         size_scale=1.25, gain=1.6, offset=0.0,
     ),
     SiteProfile(  # northfield
-        polarity=1.0, core=0.35, tissue=0.3, contrast=0.6, texture=0.1, noise=0.03,
-        blur=0.7, bias=0.25, radius=(0.22, 0.35), count=(3, 5), positive=0.7,
+        polarity=1.0, core=0.35, tissue=0.3, contrast=0.6, texture=0.05, noise=0.03,
+        blur=0.7, bias=0.25, radius=(0.26, 0.38), count=(3, 5), positive=0.7,
         size_scale=0.75, gain=0.6, offset=0.1,
     ),
 )
@@ -104,14 +106,14 @@ def site_profile(index: int) -> SiteProfile:
     if index < len(SITES):
         return SITES[index]
     rng = np.random.default_rng([index, 0x5173])
-    r_lo = rng.uniform(0.22, 0.3)
+    r_lo = rng.uniform(0.26, 0.32)
     c_lo = int(rng.integers(2, 4))
     return SiteProfile(
         polarity=float(rng.choice([-1.0, 1.0])),
         core=float(rng.choice([1.0, 1.0, rng.uniform(0.2, 0.5)])),
         tissue=float(rng.uniform(0.3, 0.7)),
         contrast=float(rng.uniform(0.4, 0.6)),
-        texture=float(rng.uniform(0.1, 0.2)),
+        texture=float(rng.uniform(0.05, 0.1)),
         noise=float(rng.uniform(0.03, 0.05)),
         blur=float(rng.choice([0.0, rng.uniform(0.5, 0.7)])),
         bias=float(rng.uniform(0.05, 0.25)),
@@ -144,8 +146,8 @@ def _render(
     per_image = (spatial_dims, n) + (1,) * spatial_dims
 
     def rho(center: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
-        """Normalised ellipsoid radius (n, *spatial): < 1 inside."""
-        return (((grid - center) / radii) ** 2).sum(0).sqrt()
+        """Squared normalised ellipsoid radius (n, *spatial): < 1 inside."""
+        return ((grid - center) / radii).square().sum(0)
 
     organ = rho(uniform(-0.08, 0.08, *per_image), uniform(0.78, 0.92, *per_image)) < 1.0
     texture = F.interpolate(
@@ -155,15 +157,14 @@ def _render(
     image = organ * site.tissue * (1.0 + site.texture * texture)
 
     # Lesions: per image a count; each lesion the union of _SUBBLOBS ellipsoids near its centre.
-    max_count = site.count[1]
-    counts = torch.randint(site.count[0], max_count + 1, (n,), generator=gen)
+    # Classification: one smaller lesion or none, so "is there a lesion?" is not trivial.
     labels = (torch.rand(n, generator=gen) < site.positive).long()
-    if classification:
-        counts = counts * labels
+    max_count = 1 if classification else site.count[1]
+    counts = labels if classification else torch.randint(site.count[0], max_count + 1, (n,), generator=gen)
     lesion_rho = torch.full((n, *spatial), float("inf"))
     strength = torch.zeros(n, *spatial)
     for k in range(max_count):
-        radius = uniform(*site.radius, n)
+        radius = uniform(*site.radius, n) * (_CLS_RADIUS if classification else 1.0)
         center = uniform(-0.45, 0.45, *per_image)
         blob_rho = torch.full((n, *spatial), float("inf"))
         for _ in range(_SUBBLOBS):
@@ -176,7 +177,7 @@ def _render(
         strength = torch.where(closer, uniform(0.75, 1.25, n).view(n, *(1,) * spatial_dims), strength)
         lesion_rho = torch.minimum(lesion_rho, blob_rho)
     mask = lesion_rho < 1.0
-    profile = torch.where(lesion_rho < _RIM_CORE, site.core, 1.0) * mask
+    profile = torch.where(lesion_rho < _RIM_CORE**2, site.core, 1.0) * mask
     image = image + site.polarity * site.contrast * strength * profile
 
     if site.bias > 0:
