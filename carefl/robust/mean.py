@@ -13,7 +13,8 @@ class WeightedMean(Rule):
     """Mean of the updates, optionally weighted by claimed example counts.
 
     weighted=True: hospital i gets weight ``min(c_i, median(c)) / sum_j min(c_j, median(c))``
-    where ``c`` are the claimed example counts. A hospital claiming 10^9 examples therefore
+    where ``c`` are the claimed example counts and the median of an even count is the mean of
+    the two middle claims. A hospital claiming 10^9 examples therefore
     weighs no more than the median hospital: a lie about size cannot buy more than one
     "typical" share (honest hospitals above the median are capped too — the price of not
     trusting unverifiable claims). weighted=False: uniform ``1/n``.
@@ -32,7 +33,7 @@ class WeightedMean(Rule):
         if not self.weighted:
             return torch.full((n,), 1.0 / n, dtype=torch.float64)
         claims = weights.double().clamp_min(0.0)
-        capped = claims.clamp_max(claims.median())
+        capped = claims.clamp_max(torch.quantile(claims, 0.5))
         if capped.sum() <= 0:
             return torch.full((n,), 1.0 / n, dtype=torch.float64)
         return capped / capped.sum()
