@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from carefl import attacks, checkpoint, robust
-from carefl.errors import CareFLError
+from carefl.errors import CareFLError, ConfigError
 from carefl.hospital import TrainReply
 from carefl.ledger import Ledger, hash_config, hash_state_dict
 from carefl.report import Report
@@ -84,7 +84,7 @@ class Federation:
                 rejected[reply.hospital] = reply.reason or reply.status
                 continue
             reason = robust.validate_update(
-                reply.hospital, reply.state, self.global_state, self.cfg.strategy.get("max_update_norm")
+                reply.hospital, reply.state, self.global_state, fed.max_update_norm
             )
             if reason:
                 rejected[reply.hospital] = reason
@@ -98,9 +98,7 @@ class Federation:
             for r in replies if r.hospital in rejected
         }
         if len(accepted) < fed.min_hospitals:
-            self.report.add_round(server_round, replies, {}, rejected)
-            self.ledger.append("round", round=server_round, config_hash=self.config_hash,
-                               model_before=model_before, model_after=model_before, hospitals=per_hospital)
+            self._record_stop(server_round, replies, rejected, per_hospital, model_before)
             raise FederationStopped(
                 f"round {server_round}: only {len(accepted)} usable update(s) "
                 f"({', '.join(r.hospital for r in accepted) or 'none'}) but federation.min_hospitals="
@@ -111,7 +109,11 @@ class Federation:
             rows = [i for i, r in enumerate(accepted) if r.hospital in hospitals and hospitals.index(r.hospital) in self.byzantine]
             updates = attacks.apply_update_attack(self.cfg.attack, updates, rows, self.generator)
         claimed = torch.tensor([r.metrics["num_examples"] for r in accepted], dtype=torch.float32)
-        result = self.aggregator(updates, claimed)
+        try:  # the rule re-checks its assumption (e.g. Krum n > 2f+2) on the replies that came
+            result = self.aggregator(updates, claimed)
+        except ConfigError as err:
+            self._record_stop(server_round, replies, rejected, per_hospital, model_before)
+            raise FederationStopped(f"round {server_round}: {len(accepted)} usable updates are too few: {err}") from None
         step = self.server_opt.step(result.update)
         self.global_state = robust.apply_update(self.global_state, step)
         names = [r.hospital for r in accepted]
@@ -128,6 +130,15 @@ class Federation:
                            model_before=model_before, model_after=hash_state_dict(self.global_state),
                            hospitals=per_hospital)
         return RoundSummary(server_round, names, rejected, {r.hospital: r.metrics.get("train_loss", float("nan")) for r in accepted})
+
+    def _record_stop(self, server_round, replies, rejected, per_hospital, model_before) -> None:
+        """Audit a round that could not aggregate: the global model stays as it was."""
+        for reply in replies:
+            per_hospital.setdefault(reply.hospital, {"accepted": False, "reason": "round not aggregated",
+                                                     "epsilon": reply.metrics.get("epsilon")})
+        self.report.add_round(server_round, replies, {}, rejected)
+        self.ledger.append("round", round=server_round, config_hash=self.config_hash,
+                           model_before=model_before, model_after=model_before, hospitals=per_hospital)
 
     def record_evaluation(self, server_round: int, evaluations: dict[str, dict[str, float]]) -> dict[str, float]:
         """Store per-hospital test metrics of the new global model; return the aggregate."""
