@@ -7,7 +7,9 @@ privacy budget (site policy: the server can request, never raise), and whether i
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -16,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from carefl import attacks, privacy
+from carefl.checkpoint import atomic_write_text
 from carefl.data import load_hospital
 from carefl.errors import ConfigError
 from carefl.models import build_model, plain_state_dict
@@ -102,16 +105,36 @@ def _requested_cap(privacy_cfg) -> float:
     return float(privacy_cfg.target_epsilon) if privacy_cfg.target_epsilon else float("inf")
 
 
-def planned_noise_multiplier(cfg, num_examples: int, delta: float, epochs: int) -> float:
+#: calibrated sigmas in a hospital's state dir, keyed by the calibration's arguments
+SIGMA_FILE = "noise_multiplier.json"
+
+
+def planned_noise_multiplier(cfg, num_examples: int, delta: float, epochs: int, state_dir: Path | None = None) -> float:
     """``privacy.noise_multiplier``, or the sigma calibrated ONCE so that ``epochs`` passes
-    (all rounds x local epochs) of Poisson-sampled DP-SGD reach ``privacy.target_epsilon``."""
+    (all rounds x local epochs) of Poisson-sampled DP-SGD reach ``privacy.target_epsilon``.
+
+    Calibration is a pure function of (target epsilon, delta, q, steps, accountant) and costs
+    seconds (a PRV bisection; ~5 s per hospital here, benchmarks/bench_overhead.py). With a
+    ``state_dir`` its result is kept in ``<state_dir>/noise_multiplier.json``, so a hospital
+    calibrates once per plan, not once per round (every round may land on another worker).
+    """
     if cfg.privacy.noise_multiplier is not None:
         return float(cfg.privacy.noise_multiplier)
     batch = cfg.federation.batch_size
-    return privacy.calibrate_noise(
-        cfg.privacy.target_epsilon, delta, privacy.sample_rate(num_examples, batch),
-        local_steps(num_examples, batch, epochs), cfg.privacy.accountant,
-    )
+    args = (float(cfg.privacy.target_epsilon), float(delta), privacy.sample_rate(num_examples, batch),
+            local_steps(num_examples, batch, epochs), str(cfg.privacy.accountant))
+    path = Path(state_dir) / SIGMA_FILE if state_dir is not None else None
+    try:
+        known = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    except ValueError:  # a torn or edited cache is only a cache: calibrate again
+        known = {}
+    key = json.dumps(args)
+    if key not in known:
+        known[key] = privacy.calibrate_noise(*args)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(known))
+    return float(known[key])
 
 
 @dataclass
@@ -119,7 +142,8 @@ class TrainReply:
     """A hospital's answer to a training request.
 
     ``status`` is ``"ok"`` or ``"refused"`` (budget would be exceeded; ``state`` is None).
-    ``metrics``: train_loss, num_examples, steps and, under DP, epsilon, delta,
+    ``metrics``: train_loss, num_examples, steps, train_seconds (wall time of the whole local
+    round: data, model, calibration, training, accounting) and, under DP, epsilon, delta,
     noise_multiplier, epsilon_cap.
     """
 
@@ -136,6 +160,7 @@ def train_round(cfg, hospital: Hospital, global_state: dict[str, torch.Tensor], 
     Under DP the hospital first checks its own budget: if this round's steps would push its
     epsilon over its cap it refuses and sends no weights.
     """
+    start = time.perf_counter()
     fed = cfg.federation
     train_set = _training_set(cfg, hospital)
     model = build_model(cfg)
@@ -146,7 +171,7 @@ def train_round(cfg, hospital: Hospital, global_state: dict[str, torch.Tensor], 
     metrics: dict[str, float] = {"num_examples": float(n)}
     if not cfg.privacy.enabled:
         result = train_epochs(model, optimizer, loader, cfg.task, fed.local_epochs, cfg.strategy.prox_mu)
-        metrics.update(train_loss=result.loss, steps=float(result.steps))
+        metrics.update(train_loss=result.loss, steps=float(result.steps), train_seconds=time.perf_counter() - start)
         return TrainReply(hospital.name, "ok", "", model.state_dict(), metrics)
 
     policy = privacy.site_policy(
@@ -156,12 +181,13 @@ def train_round(cfg, hospital: Hospital, global_state: dict[str, torch.Tensor], 
     )
     sample_rate = privacy.sample_rate(n, fed.batch_size)
     steps = local_steps(n, fed.batch_size, fed.local_epochs)
-    sigma = planned_noise_multiplier(cfg, n, policy.delta, fed.rounds * fed.local_epochs)
+    sigma = planned_noise_multiplier(cfg, n, policy.delta, fed.rounds * fed.local_epochs, hospital.state_dir)
     history = privacy.load_history(hospital.state_dir)
     ok, projected, reason = privacy.budget_check(policy, history, sigma, sample_rate, steps, cfg.privacy.accountant)
     metrics.update(epsilon_cap=policy.epsilon_cap, delta=policy.delta, noise_multiplier=float(sigma))
     if not ok:
         metrics["epsilon"] = privacy.epsilon(history, policy.delta, cfg.privacy.accountant) if history else 0.0
+        metrics["train_seconds"] = time.perf_counter() - start
         return TrainReply(hospital.name, "refused", f"{hospital.name}: {reason}", None, metrics)
     dp_model, dp_optimizer, dp_loader, engine = privacy.make_private(
         model,
@@ -177,17 +203,24 @@ def train_round(cfg, hospital: Hospital, global_state: dict[str, torch.Tensor], 
     result = train_epochs(dp_model, dp_optimizer, dp_loader, cfg.task, fed.local_epochs, cfg.strategy.prox_mu)
     history = list(engine.accountant.history)
     privacy.save_history(hospital.state_dir, history)
+    # the planned steps at (sigma, q) were taken: the history is the one budget_check projected,
+    # so its epsilon is known (a PRV epsilon costs ~0.4 s; benchmarks/bench_overhead.py)
+    spent = projected if result.steps == steps else privacy.epsilon(history, policy.delta, cfg.privacy.accountant)
     metrics.update(
         train_loss=result.loss,
         steps=float(result.steps),
-        epsilon=privacy.epsilon(history, policy.delta, cfg.privacy.accountant),
+        epsilon=spent,
+        train_seconds=time.perf_counter() - start,
     )
     return TrainReply(hospital.name, "ok", "", plain_state_dict(dp_model), metrics)
 
 
 def evaluate_round(cfg, hospital: Hospital, global_state: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Metrics of the global model on this hospital's held-out split (+ ``num_examples``)."""
+    """Metrics of the global model on this hospital's held-out split (+ ``num_examples``,
+    ``eval_seconds``: wall time of loading, building and evaluating)."""
+    start = time.perf_counter()
     test = load_hospital(cfg, hospital.name, hospital.index, hospital.data_path).test
     model = build_model(cfg)
     model.load_state_dict(global_state)
-    return {**evaluate(model, test, cfg.task), "num_examples": float(len(test))}
+    metrics = evaluate(model, test, cfg.task)
+    return {**metrics, "num_examples": float(len(test)), "eval_seconds": time.perf_counter() - start}
