@@ -8,7 +8,9 @@
                                        "steps", "epsilon", "delta", ...}},
                  "robust": {hospital: {"norm", "cosine", "score", "selected", "reputation"}},
                  "eval":   {hospital: {"dice" | "auc", "accuracy", "num_examples"}},
-                 "aggregate": {"dice" | "auc", "accuracy", "train_loss"}}],
+                 "aggregate": {"dice" | "auc", "accuracy", "train_loss"},
+                 "timing": {"train_phase_seconds", "aggregate_seconds", "eval_phase_seconds",
+                            "checkpoint_seconds", "round_seconds"}}],
      "baselines": {"local_only": {trained_at: {evaluated_at: {metric: v}}},
                    "pooled": {evaluated_at: {metric: v}}}}
 
@@ -75,6 +77,10 @@ class Report:
         for name in self.metric_names:
             record["aggregate"][name] = _weighted_mean(evaluations, name)
         return record["aggregate"]
+
+    def add_timing(self, server_round: int, timing: dict[str, float]) -> None:
+        """Server-side wall times of the round's phases (seconds); written with the next save."""
+        self._round(server_round)["timing"] = dict(timing)
 
     def add_baselines(self, baselines: dict) -> None:
         self.data["baselines"] = baselines

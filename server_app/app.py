@@ -145,6 +145,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> Path:
         nodes = sorted(grid.get_node_ids())  # hospitals that dropped out may be back
         content = _content(fed.global_state, cfg_json, server_round, run_dir)
         replies = _train_replies(_broadcast(grid, nodes, MessageType.TRAIN, content, server_round, timeout), names)
+        trained = time.monotonic()
         simulated = simulated and all(r.metrics.get("simulated", 0.0) for r in replies)
         try:
             summary = fed.aggregate(server_round, replies)
@@ -152,6 +153,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> Path:
             log.warning("%s", stop)
             status, message = "stopped", str(stop)
             break
+        aggregated = time.monotonic()
         content = _content(fed.global_state, cfg_json, server_round, run_dir)
         evals = {}
         for msg in _broadcast(grid, nodes, MessageType.EVALUATE, content, server_round, timeout):
@@ -159,9 +161,16 @@ def run_federation(grid: Grid, cfg: DictConfig) -> Path:
                 log.warning("evaluation failed at %s: %s", names.get(msg.metadata.src_node_id, "a node"), msg.error.reason)
                 continue
             evals[str(msg.content["status"]["hospital"])] = dict(msg.content["metrics"])
+        evaluated = time.monotonic()
         aggregate = fed.record_evaluation(server_round, evals)
         fed.checkpoint(server_round)
-        log.info("%s", _progress(cfg, server_round, summary, evals, aggregate, time.monotonic() - start, replies))
+        end = time.monotonic()
+        fed.report.add_timing(server_round, {
+            "train_phase_seconds": trained - start, "aggregate_seconds": aggregated - trained,
+            "eval_phase_seconds": evaluated - aggregated, "checkpoint_seconds": end - evaluated,
+            "round_seconds": end - start,
+        })
+        log.info("%s", _progress(cfg, server_round, summary, evals, aggregate, end - start, replies))
     if cfg.federation.baselines and status == "completed":
         if simulated:
             log.info("baselines: training local-only and pooled models on the same splits ...")
