@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import secrets
+import shlex
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -18,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
 from carefl.baselines import run_baselines
-from carefl.config import compose_config, to_json
+from carefl.config import compose_config, to_json, validate
 from carefl.errors import CareFLError, ConfigError
 from carefl.federation import Federation, FederationStopped
 from carefl.hospital import TrainReply
@@ -43,24 +45,64 @@ def main(grid: Grid, context: Context) -> None:
     """Compose the Hydra config from the run config and run the federation."""
     _setup_logging()
     try:
-        cfg = compose_config(str(context.run_config.get("overrides", "")))
-        run_federation(grid, cfg)
-    except CareFLError as err:  # one clear line, no traceback, for every edge error
+        overrides = shlex.split(str(context.run_config.get("overrides", "")))
+        cfg = compose_config(overrides)
+        run_federation(grid, cfg, overrides)
+    except CareFLError as err:  # one clear line for every edge error
         log.error("%s", err)
-        raise SystemExit(1) from None
+        # Re-raised (short traceback) rather than SystemExit: Flower then marks the run
+        # finished:failed with this message and uploads the log; SystemExit skipped both, so
+        # `flwr ls` showed the run 'running' for a minute and `flwr log` never had the line.
+        raise err.with_traceback(None) from None
 
 
-def prepare_run_dir(cfg: DictConfig) -> tuple[Path, DictConfig, bool]:
+#: overrides that may accompany ``resume=`` (they do not change what the run computes)
+RESUME_KEYS = ("resume", "output_dir", "run_id")
+_SECTIONS = ("task", "model", "data", "strategy", "privacy", "federation", "attack", "seed")
+
+
+def _override_key(override: str) -> str:
+    """``federation.rounds`` of ``federation.rounds=3`` (also ``+key=v``, ``~key``)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _saved_config(run_dir: Path, given: str) -> DictConfig:
+    """The run's own ``config.yaml``, checked before anything in ``run_dir`` is touched."""
+    saved = run_dir / "config.yaml"
+    fix = "point resume= at a CareFL run directory (outputs/<run-id>)"
+    if not saved.is_file():
+        raise ConfigError(f"resume={given}: {saved} not found; {fix}")
+    try:
+        cfg = OmegaConf.load(saved)
+        missing = [k for k in _SECTIONS if k not in cfg]
+        if missing:
+            raise ConfigError(f"it lacks {missing}, so it is not a CareFL run's config")
+        validate(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"resume={given}: {saved}: {err}; {fix}") from None
+    except Exception as err:  # YAML / OmegaConf errors of a corrupt file: all "unreadable"
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"resume={given}: {saved} is unreadable ({first}); {fix}") from None
+    return cfg
+
+
+def prepare_run_dir(cfg: DictConfig, overrides: Sequence[str] = ()) -> tuple[Path, DictConfig, bool]:
     """Create ``<output_dir>/<run_id>/`` (never overwriting) or reopen it for ``resume=``.
 
-    On resume the run's own ``config.yaml`` is the config (so the ledger's config hash holds).
+    On resume the run's own ``config.yaml`` is the config (so the ledger's config hash holds
+    and the DP noise stays calibrated for the planned rounds): ``overrides`` other than
+    :data:`RESUME_KEYS` are refused, ``federation.rounds`` included.
     """
     if cfg.resume:
+        changed = [o for o in overrides if _override_key(o) not in RESUME_KEYS]
+        if changed:
+            raise ConfigError(
+                f"resume={cfg.resume} continues the run with its own config.yaml, so {' '.join(changed)} "
+                "cannot apply (a run's settings, federation.rounds included, are fixed when it starts); "
+                "drop them, or start a new run"
+            )
         run_dir = Path(str(cfg.resume)).expanduser().resolve()
-        saved = run_dir / "config.yaml"
-        if not saved.is_file():
-            raise ConfigError(f"resume={cfg.resume}: {saved} not found; point resume= at a CareFL run directory")
-        return run_dir, OmegaConf.load(saved), True
+        return run_dir, _saved_config(run_dir, str(cfg.resume)), True
     run_id = cfg.run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     run_dir = (Path(str(cfg.output_dir)).expanduser() / str(run_id)).resolve()
     if run_dir.exists():
@@ -94,9 +136,28 @@ def _content(state: dict[str, torch.Tensor], cfg_json: str, server_round: int, r
     })
 
 
-def _broadcast(grid: Grid, nodes: list[int], kind: str, content: RecordDict, server_round: int, timeout: float):
+def _broadcast(grid: Grid, nodes: list[int], kind: str, content: RecordDict, server_round: int, timeout: float,
+               hospitals: list[str]) -> list[Message]:
+    """Send ``content`` to ``nodes`` and collect the replies until all are in, every hospital
+    in ``hospitals`` has answered (what is left went to the stale node id of a SuperNode that
+    restarted and registered again), or ``timeout`` s passed (a dead SuperNode never answers)."""
     messages = [Message(content=content, dst_node_id=nid, message_type=kind, group_id=str(server_round)) for nid in nodes]
-    return list(grid.send_and_receive(messages, timeout=timeout))
+    pending = {mid for mid in grid.push_messages(messages) if mid}
+    replies: list[Message] = []
+    answered: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while pending and not set(hospitals) <= answered and time.monotonic() < deadline:
+        for msg in grid.pull_messages(pending):
+            pending.discard(msg.metadata.reply_to_message_id)
+            replies.append(msg)
+            if not msg.has_error():
+                answered.add(str(msg.content["status"]["hospital"]))
+        if pending and not set(hospitals) <= answered:
+            time.sleep(0.5)
+    if pending:
+        log.warning("round %d: %d %s request(s) unanswered (SuperNode gone or too slow); going on without them",
+                    server_round, len(pending), kind)
+    return replies
 
 
 def _train_replies(replies, names: dict[int, str]) -> list[TrainReply]:
@@ -130,12 +191,13 @@ def _progress(cfg, server_round: int, summary, evals: dict, aggregate: dict, sec
     return " | ".join(parts)
 
 
-def run_federation(grid: Grid, cfg: DictConfig) -> Path:
-    """Drive all rounds; return the run directory."""
-    run_dir, cfg, resume = prepare_run_dir(cfg)
+def run_federation(grid: Grid, cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
+    """Drive all rounds; return the run directory. ``overrides``: the ones the user gave
+    (on ``resume=`` only :data:`RESUME_KEYS` may be among them)."""
+    run_dir, cfg, resume = prepare_run_dir(cfg, overrides)
     log.info("run directory: %s", run_dir)
     fed = Federation(cfg, run_dir, build_model(cfg).state_dict(), resume=resume)
-    cfg_json, timeout = to_json(cfg), float(cfg.federation.round_timeout_s)
+    cfg_json, timeout, hospitals = to_json(cfg), float(cfg.federation.round_timeout_s), list(cfg.federation.hospitals)
     nodes = _wait_for_nodes(grid, cfg)
     names: dict[int, str] = {}
     simulated = True
@@ -144,7 +206,9 @@ def run_federation(grid: Grid, cfg: DictConfig) -> Path:
         start = time.monotonic()
         nodes = sorted(grid.get_node_ids())  # hospitals that dropped out may be back
         content = _content(fed.global_state, cfg_json, server_round, run_dir)
-        replies = _train_replies(_broadcast(grid, nodes, MessageType.TRAIN, content, server_round, timeout), names)
+        train_msgs = _broadcast(grid, nodes, MessageType.TRAIN, content, server_round, timeout, hospitals)
+        replies = _train_replies(train_msgs, names)
+        nodes = [m.metadata.src_node_id for m in train_msgs if not m.has_error()]  # evaluate where training answered
         trained = time.monotonic()
         simulated = simulated and all(r.metrics.get("simulated", 0.0) for r in replies)
         try:
@@ -156,7 +220,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> Path:
         aggregated = time.monotonic()
         content = _content(fed.global_state, cfg_json, server_round, run_dir)
         evals = {}
-        for msg in _broadcast(grid, nodes, MessageType.EVALUATE, content, server_round, timeout):
+        for msg in _broadcast(grid, nodes, MessageType.EVALUATE, content, server_round, timeout, hospitals):
             if msg.has_error():
                 log.warning("evaluation failed at %s: %s", names.get(msg.metadata.src_node_id, "a node"), msg.error.reason)
                 continue
