@@ -1,0 +1,71 @@
+"""Deployment mode end to end: a real flower-superlink, one flower-supernode per hospital
+whose node config carries the hospital's name and data location, a run submitted with
+``flwr run``. Real NIfTI data: each hospital's Decathlon datalist lives only on its node."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import BIN, Deployment
+
+#: training / test images per hospital: different sizes, so the metrics prove whose data was used
+SIZES = {"st-mary": (6, 2), "riverside": (4, 3)}
+
+
+def write_site(directory: Path, n_train: int, n_test: int, seed: int) -> str:
+    """A hospital's data dir: 2D NIfTI image/label pairs (20x20) and its datalist JSON."""
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+
+    def pair(i: int) -> dict:
+        image = rng.uniform(0, 200, (20, 20)).astype(np.float32)
+        label = np.zeros((20, 20), np.float32)
+        label[5:12, 6:13] = 1
+        image[label > 0] += 150
+        nib.save(nib.Nifti1Image(image, np.eye(4)), str(directory / f"img{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(label, np.eye(4)), str(directory / f"lbl{i}.nii.gz"))
+        return {"image": f"img{i}.nii.gz", "label": f"lbl{i}.nii.gz"}
+
+    entries = [pair(i) for i in range(n_train + n_test)]
+    datalist = directory / "datalist.json"
+    datalist.write_text(json.dumps({"training": entries[:n_train], "test": entries[n_train:]}))
+    return str(datalist)
+
+
+@pytest.mark.slow
+def test_deployment_two_rounds_on_each_hospitals_own_nifti_data(deployment: Deployment, tmp_path: Path):
+    """Two hospitals train on their own NIfTI datalists (``data-path``); the third one's
+    datalist points outside its data directory (a hostile or broken site): it is left out
+    every round with its reason in the server log, and the federation completes without it."""
+    deployment.start_superlink()
+    for i, (hospital, (n_train, n_test)) in enumerate(SIZES.items()):
+        datalist = write_site(tmp_path / "sites" / hospital, n_train, n_test, seed=i)
+        deployment.start_supernode(hospital, data_path=datalist, state_dir=str(tmp_path / "state" / hospital))
+    bad = Path(write_site(tmp_path / "sites" / "northfield", 3, 1, seed=9))
+    bad.write_text(json.dumps({"training": [{"image": "../st-mary/img0.nii.gz", "label": "../st-mary/lbl0.nii.gz"}]}))
+    deployment.start_supernode("northfield", data_path=str(bad), state_dir=str(tmp_path / "state" / "northfield"))
+
+    out = tmp_path / "out"
+    run_id = deployment.submit(
+        f"federation.rounds=2 data=decathlon data.spatial_size=[32,32] privacy=none federation.baselines=false "
+        f"federation.round_timeout_s=120 output_dir={out} run_id=dep"
+    )
+    metrics = deployment.wait_for_run(run_id, out / "dep", timeout=400)
+
+    assert metrics["status"] == "completed"
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    for record in metrics["rounds"]:
+        # each hospital trained on exactly the images its own node's datalist lists
+        assert {h: m["num_examples"] for h, m in record["train"].items()} == {h: n for h, (n, _) in SIZES.items()}
+        assert {h: m["num_examples"] for h, m in record["eval"].items()} == {h: n for h, (_, n) in SIZES.items()}
+        assert all(m["status"] == "ok" for m in record["train"].values())
+    verify = subprocess.run([str(BIN / "carefl-verify"), str(out / "dep")], capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    log = deployment.log(run_id)
+    assert "northfield" in log and "points outside the datalist's directory" in log, log
