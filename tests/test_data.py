@@ -87,11 +87,14 @@ def lesion_contrast(images: torch.Tensor, masks: torch.Tensor) -> float:
     return float(inside - outside)
 
 
-def test_default_sites_differ_in_polarity_sizes_and_appearance():
+def test_default_sites_differ_in_contrast_sizes_and_appearance():
     cfg = make_cfg("data.image_size=32", "data.n_train=40", "data.n_test=8")
     sites = [load_hospital(cfg, h, i) for i, h in enumerate(cfg.federation.hospitals)]
     contrasts = [lesion_contrast(*sites[i].train.tensors) for i in range(3)]
-    assert contrasts[0] > 0 and contrasts[1] < 0 and contrasts[2] > 0  # riverside: dark lesions
+    assert all(c > 0 for c in contrasts)  # one sequence: lesions brighter than tissue everywhere
+    means = [float(s.train.tensors[0].mean()) for s in sites]
+    assert means[1] > 1.5 * means[0]  # riverside: strong scanner gain ...
+    assert contrasts[1] / means[1] < 0.5 * contrasts[0] / means[0]  # ... and low relative contrast
     assert [len(s.train) for s in sites] == [40, 50, 30]  # size_scale 1.0, 1.25, 0.75
     assert all(len(s.test) == 8 for s in sites)
     stds = [float(s.train.tensors[0].std()) for s in sites]
@@ -111,7 +114,8 @@ def test_procedural_sites_are_stable_and_distinct():
     assert site_profile(42) == site_profile(42)
     profiles = {site_profile(i) for i in range(3, 100)}
     assert len(profiles) == 97
-    assert {p.polarity for p in profiles} == {-1.0, 1.0}
+    assert {p.polarity for p in profiles} == {1.0}  # same sequence everywhere
+    assert len({p.gain for p in profiles}) == 97 and len({p.contrast for p in profiles}) == 97
     cfg = make_cfg(*SMALL)
     a, b = load_hospital(cfg, "h7", 7), load_hospital(cfg, "h8", 8)
     assert not torch.equal(a.train.tensors[0][: len(b.train)].mean((1, 2, 3)), b.train.tensors[0][: len(a.train)].mean((1, 2, 3)))
