@@ -1,0 +1,246 @@
+"""What holds when things go wrong: a killed server resumes, a killed hospital is left out and
+rejoins, and bad input stops the run with one line that names the key or file and the fix,
+without touching anything already written. docs/RELIABILITY.md lists these cases."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+
+from carefl.config import compose_config
+from carefl.errors import CareFLError, CheckpointError, ConfigError
+from carefl.federation import Federation
+from carefl.models import build_model
+from conftest import BIN, TINY, Deployment, Processes, process_env, wait_until
+from server_app.app import main, prepare_run_dir
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` (relative path -> bytes)."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def ledger(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
+
+
+def verify(run_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "carefl-verify"), str(run_dir)], capture_output=True, text=True, timeout=60)
+
+
+# ---------------------------------------------------------------- a killed server resumes
+
+
+@pytest.mark.slow
+def test_server_killed_after_round_1_resumes_from_its_checkpoint(processes: Processes, tmp_path: Path):
+    """SIGKILL carefl-sim once round 1's checkpoint exists; ``resume=<run_dir>`` finishes
+    rounds 2 and 3 from that checkpoint: no round repeated or skipped, the ledger chain
+    continues unbroken and model_final.pt is the last checkpoint's model."""
+    out, run_dir = tmp_path / "out", tmp_path / "out" / "r"
+    processes.start("first", [str(BIN / "carefl-sim"), f"output_dir={out}", "run_id=r", "federation.rounds=3",
+                              "privacy=none", *TINY.split()], cwd=tmp_path)
+    wait_until(lambda: (run_dir / "checkpoints" / "round_001.pt").is_file(), 300,
+               "round 1's checkpoint", processes.tails)
+    processes.kill("first")
+    assert "end" not in [e["kind"] for e in ledger(run_dir)] and not (run_dir / "model_final.pt").exists()
+
+    resumed = processes.start("resume", [str(BIN / "carefl-sim"), f"resume={run_dir}"], cwd=tmp_path)
+    assert resumed.wait(timeout=400) == 0, processes.tails(40)
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed"
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
+    assert "round 1/3" not in processes.log("resume") and "round 2/3" in processes.log("resume")
+    entries = ledger(run_dir)
+    assert [(e["kind"], e["round"]) for e in entries] == [("start", 0), ("round", 1), ("round", 2), ("round", 3),
+                                                          ("end", 3)]
+    assert entries[2]["model_before"] == entries[1]["model_after"]  # round 2 started from round 1's model
+    done = verify(run_dir)
+    assert done.returncode == 0 and done.stdout.startswith("OK"), done.stdout + done.stderr
+    final = torch.load(run_dir / "model_final.pt", weights_only=True)
+    last = torch.load(run_dir / "checkpoints" / "round_003.pt", weights_only=True)["global_model"]
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+
+
+# ---------------------------------------------------------------- a killed hospital rejoins
+
+
+@pytest.mark.slow
+def test_killed_supernode_is_left_out_and_rejoins_a_later_round(deployment: Deployment, tmp_path: Path):
+    """Kill northfield's flower-supernode (and its ClientApp) once round 1 is checkpointed:
+    round 2 goes on with st-mary and riverside after the reply timeout; northfield, started
+    again with the same node config, registers under a new node id and trains in round 3,
+    its DP accountant history intact in its state dir."""
+    hospitals = ["st-mary", "riverside", "northfield"]
+    deployment.start_superlink()
+    for h in hospitals:
+        deployment.start_supernode(h, state_dir=str(tmp_path / "state" / h))
+    out, run_dir = tmp_path / "out", tmp_path / "out" / "kill"
+    run_id = deployment.submit(f"federation.rounds=3 federation.round_timeout_s=45 federation.min_hospitals=2 "
+                               f"{TINY} output_dir={out} run_id=kill")
+    wait_until(lambda: (run_dir / "checkpoints" / "round_001.pt").is_file(), 300, "round 1's checkpoint",
+               lambda: deployment.log(run_id) + deployment.procs.tails())
+    deployment.procs.kill("supernode-northfield")
+    deployment.start_supernode("northfield", state_dir=str(tmp_path / "state" / "northfield"))
+    metrics = deployment.wait_for_run(run_id, run_dir, timeout=500)
+
+    assert metrics["status"] == "completed"
+    rounds = {r["round"]: r for r in metrics["rounds"]}
+    assert sorted(rounds) == [1, 2, 3]
+    assert set(rounds[1]["train"]) == set(hospitals)
+    assert set(rounds[2]["train"]) == {"st-mary", "riverside"}
+    assert rounds[3]["train"]["northfield"]["status"] == "ok" and "northfield" in rounds[3]["eval"]
+    assert rounds[3]["train"]["northfield"]["epsilon"] > rounds[1]["train"]["northfield"]["epsilon"]
+    assert verify(run_dir).returncode == 0
+
+
+# ---------------------------------------------------------------- bad input: one line, nothing lost
+
+
+class Lines(logging.Handler):
+    """Collects the carefl logger's records."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def carefl_log():
+    handler, logger = Lines(), logging.getLogger("carefl")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+def run_main(overrides: str):
+    """server_app.app.main (what flwr-serverapp calls) with these overrides; no Grid is
+    needed because every case fails before a message is sent."""
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={"overrides": overrides})
+    main(None, context)
+
+
+@pytest.fixture
+def finished_run(tmp_path: Path) -> Path:
+    """A run directory with config.yaml, a ledger and round 1's checkpoint, made without Flower."""
+    cfg = compose_config([f"output_dir={tmp_path / 'out'}", "run_id=old", "privacy=none", *TINY.split()])
+    run_dir, cfg, _ = prepare_run_dir(cfg)
+    Federation(cfg, run_dir, build_model(cfg).state_dict()).checkpoint(1)
+    return run_dir
+
+
+def assert_one_line(carefl_log: Lines, err: CareFLError, *names: str) -> None:
+    errors = [r.getMessage() for r in carefl_log.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0] and errors[0] == str(err), errors
+    for name in names:
+        assert name in errors[0], (name, errors[0])
+
+
+@pytest.mark.parametrize("overrides, error, names", [
+    ("strategy=nonexistent", ConfigError, ["strategy", "nonexistent"]),
+    ("federation.nonexistent=1", ConfigError, ["federation.nonexistent"]),
+    ("privacy.target_epsilon=-1", ConfigError, ["privacy.target_epsilon=-1", "must be > 0"]),
+    ("strategy=krum strategy.f=2", ConfigError, ["strategy.f", "n=3 hospitals"]),
+    ("federation.hospitals=[]", ConfigError, ["federation.hospitals", "list at least one"]),
+    ("federation.min_hospitals=5", ConfigError, ["federation.min_hospitals=5"]),
+])
+def test_bad_config_stops_with_one_line_and_writes_nothing(overrides, error, names, finished_run, carefl_log):
+    out = finished_run.parent
+    before = snapshot(out)
+    with pytest.raises(error) as caught:
+        run_main(f"output_dir={out} run_id=new {overrides}")
+    assert_one_line(carefl_log, caught.value, *names)
+    assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == ["old"]
+
+
+def test_existing_run_directory_is_never_overwritten(finished_run, carefl_log):
+    before = snapshot(finished_run)
+    with pytest.raises(ConfigError) as caught:
+        run_main(f"output_dir={finished_run.parent} run_id=old")
+    assert_one_line(carefl_log, caught.value, str(finished_run), "resume=")
+    assert snapshot(finished_run) == before
+
+
+def corrupt_checkpoint(run_dir: Path) -> str:
+    path = run_dir / "checkpoints" / "round_001.pt"
+    path.write_bytes(path.read_bytes()[:1000])  # a torn write
+    return str(path)
+
+
+def missing_checkpoints(run_dir: Path) -> str:
+    for p in (run_dir / "checkpoints").iterdir():
+        p.unlink()
+    return "latest"
+
+
+def corrupt_config(run_dir: Path) -> str:
+    (run_dir / "config.yaml").write_text("federation: [unclosed\n")
+    return "config.yaml"
+
+
+def foreign_config(run_dir: Path) -> str:
+    (run_dir / "config.yaml").write_text("x: 1\n")
+    return "not a CareFL run's config"
+
+
+@pytest.mark.parametrize("damage, error", [
+    (corrupt_checkpoint, CheckpointError), (missing_checkpoints, CheckpointError),
+    (corrupt_config, ConfigError), (foreign_config, ConfigError),
+])
+def test_resume_from_a_damaged_run_stops_with_one_line_and_changes_nothing(damage, error, finished_run, carefl_log):
+    named = damage(finished_run)
+    before = snapshot(finished_run)
+    with pytest.raises(error) as caught:
+        run_main(f"resume={finished_run}")
+    assert_one_line(carefl_log, caught.value, named, "resume=")
+    assert snapshot(finished_run) == before
+
+
+def test_resume_refuses_setting_overrides_such_as_more_rounds(finished_run, carefl_log):
+    before = snapshot(finished_run)
+    with pytest.raises(ConfigError) as caught:
+        run_main(f"resume={finished_run} federation.rounds=9")
+    assert_one_line(carefl_log, caught.value, "federation.rounds=9", "start a new run")
+    assert snapshot(finished_run) == before
+
+
+def test_resume_of_a_finished_run_is_refused(finished_run, carefl_log):
+    fed = Federation(compose_config([f"output_dir={finished_run.parent}", "privacy=none", *TINY.split()]),
+                     finished_run, {}, resume=True)
+    fed.finish("completed")
+    before = snapshot(finished_run)
+    with pytest.raises(CareFLError) as caught:
+        run_main(f"resume={finished_run}")
+    assert_one_line(carefl_log, caught.value, "ledger.jsonl", "start a new run")
+    assert snapshot(finished_run) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides, names", [
+    (["strategy=krum", "strategy.f=2"], ["strategy.f"]),
+    (["federation.hospitals=[]"], ["federation.hospitals"]),
+    (["federation.nonexistent=1"], ["federation.nonexistent"]),
+])
+def test_carefl_sim_bad_config_exits_nonzero_without_traceback(overrides, names, finished_run):
+    """The Hydra entry point: non-zero exit, the key named on stderr, no traceback, the
+    output directory untouched (carefl-sim validates before starting Ray)."""
+    out = finished_run.parent
+    before = snapshot(finished_run)
+    done = subprocess.run([str(BIN / "carefl-sim"), f"output_dir={out}", *overrides], capture_output=True, text=True,
+                          timeout=120, env=process_env(), cwd=out)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr + done.stdout
+    assert all(name in done.stderr for name in names), done.stderr
+    assert snapshot(finished_run) == before
+    assert {p.name for p in out.iterdir()} - {".hydra"} == {"old"}  # .hydra: Hydra's own job log
