@@ -30,6 +30,11 @@ from carefl.tasks import HEADLINE
 log = logging.getLogger("carefl")
 app = ServerApp()
 
+#: the pause between polls for replies doubles from the first to the last value (seconds):
+#: every broadcast waits on average half a pause after its last reply arrived, twice a round
+#: (Flower's own send_and_receive pauses 3 s in deployment; benchmarks/bench_overhead.py)
+POLL_PAUSES_S = (0.005, 0.1)
+
 
 def _setup_logging() -> None:
     if not log.handlers:
@@ -145,7 +150,7 @@ def _broadcast(grid: Grid, nodes: list[int], kind: str, content: RecordDict, ser
     pending = {mid for mid in grid.push_messages(messages) if mid}
     replies: list[Message] = []
     answered: set[str] = set()
-    deadline = time.monotonic() + timeout
+    deadline, pause = time.monotonic() + timeout, POLL_PAUSES_S[0]
     while pending and not set(hospitals) <= answered and time.monotonic() < deadline:
         for msg in grid.pull_messages(pending):
             pending.discard(msg.metadata.reply_to_message_id)
@@ -153,7 +158,8 @@ def _broadcast(grid: Grid, nodes: list[int], kind: str, content: RecordDict, ser
             if not msg.has_error():
                 answered.add(str(msg.content["status"]["hospital"]))
         if pending and not set(hospitals) <= answered:
-            time.sleep(0.5)
+            time.sleep(pause)
+            pause = min(2 * pause, POLL_PAUSES_S[1])
     if pending:
         log.warning("round %d: %d %s request(s) unanswered (SuperNode gone or too slow); going on without them",
                     server_round, len(pending), kind)
