@@ -94,7 +94,7 @@ def test_default_sites_differ_in_contrast_sizes_and_appearance():
     assert all(c > 0 for c in contrasts)  # one sequence: lesions brighter than tissue everywhere
     means = [float(s.train.tensors[0].mean()) for s in sites]
     assert means[1] > 1.5 * means[0]  # riverside: strong scanner gain ...
-    assert contrasts[1] / means[1] < 0.5 * contrasts[0] / means[0]  # ... and low relative contrast
+    assert contrasts[1] / means[1] < 0.6 * contrasts[0] / means[0]  # ... and low relative contrast
     assert [len(s.train) for s in sites] == [40, 50, 30]  # size_scale 1.0, 1.25, 0.75
     assert all(len(s.test) == 8 for s in sites)
     stds = [float(s.train.tensors[0].std()) for s in sites]
