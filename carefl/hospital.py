@@ -67,6 +67,8 @@ def identify(cfg, node_config: Mapping, run_dir: str) -> Hospital:
     else:
         raise ConfigError("this SuperNode has no hospital name: start it with --node-config 'hospital=\"<name>\"'")
     index = hospitals.index(name) if name in hospitals else -1
+    if simulated:  # stands in for the node config each simulated SuperNode would have
+        node_config = {**dict(cfg.federation.get("site_policies", {}).get(name, {})), **dict(node_config)}
     state_dir = Path(str(node_config.get("state-dir") or Path(run_dir) / "hospitals" / name))
     data_path = node_config.get("data-path")
     return Hospital(name, index, state_dir, str(data_path) if data_path else None, simulated, dict(node_config))
