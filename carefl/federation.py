@@ -44,6 +44,12 @@ class RoundSummary:
     train_loss: dict[str, float]
 
 
+def _not_aggregated(reply: TrainReply, reason: str) -> dict:
+    """Ledger record of a hospital whose update did not enter the aggregate."""
+    return {"accepted": False, "reason": reason, "epsilon": reply.metrics.get("epsilon"),
+            "update_hash": None, "norm": None}
+
+
 class Federation:
     """Global model + aggregation state of one run, persisted in ``run_dir``.
 
@@ -54,6 +60,7 @@ class Federation:
     def __init__(self, cfg: DictConfig, run_dir: Path, initial_state: dict[str, torch.Tensor], resume: bool = False):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.aggregator = robust.build_aggregator(cfg.strategy)
         self.server_opt = robust.build_server_optimizer(cfg.strategy)
         self.reputation = robust.Reputation()
@@ -93,10 +100,7 @@ class Federation:
         for name, reason in rejected.items():
             log.warning("round %d: left out %s: %s", server_round, name, reason)
         model_before = hash_state_dict(self.global_state)
-        per_hospital = {
-            r.hospital: {"accepted": False, "reason": rejected[r.hospital], "epsilon": r.metrics.get("epsilon")}
-            for r in replies if r.hospital in rejected
-        }
+        per_hospital = {r.hospital: _not_aggregated(r, rejected[r.hospital]) for r in replies if r.hospital in rejected}
         if len(accepted) < fed.min_hospitals:
             self._record_stop(server_round, replies, rejected, per_hospital, model_before)
             raise FederationStopped(
@@ -134,8 +138,7 @@ class Federation:
     def _record_stop(self, server_round, replies, rejected, per_hospital, model_before) -> None:
         """Audit a round that could not aggregate: the global model stays as it was."""
         for reply in replies:
-            per_hospital.setdefault(reply.hospital, {"accepted": False, "reason": "round not aggregated",
-                                                     "epsilon": reply.metrics.get("epsilon")})
+            per_hospital.setdefault(reply.hospital, _not_aggregated(reply, "round not aggregated"))
         self.report.add_round(server_round, replies, {}, rejected)
         self.ledger.append("round", round=server_round, config_hash=self.config_hash,
                            model_before=model_before, model_after=model_before, hospitals=per_hospital)
