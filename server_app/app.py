@@ -214,6 +214,10 @@ def run_federation(grid: Grid, cfg: DictConfig, overrides: Sequence[str] = ()) -
         content = _content(fed.global_state, cfg_json, server_round, run_dir)
         train_msgs = _broadcast(grid, nodes, MessageType.TRAIN, content, server_round, timeout, hospitals)
         replies = _train_replies(train_msgs, names)
+        replied = {r.hospital for r in replies}
+        replies += [TrainReply(h, "no-reply", f"{h}: no reply within federation.round_timeout_s={timeout:g} s "
+                               "(crashed, hung or disconnected); it may rejoin in a later round", None, {})
+                    for h in sorted(set(names.values()) - replied)]
         nodes = [m.metadata.src_node_id for m in train_msgs if not m.has_error()]  # evaluate where training answered
         trained = time.monotonic()
         simulated = simulated and all(r.metrics.get("simulated", 0.0) for r in replies)

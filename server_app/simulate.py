@@ -11,6 +11,7 @@ instead of ``--run-config``. Each job writes its own ``<output_dir>/<run-id>/``.
 from __future__ import annotations
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
@@ -22,8 +23,10 @@ from client_app.app import app as client_app
 from server_app.app import _setup_logging, log, run_federation
 
 
-def simulate(cfg: DictConfig, cpus_per_hospital: float = 1.0) -> None:
-    """Run the federation described by ``cfg`` on Flower's simulation engine (Ray)."""
+def simulate(cfg: DictConfig, overrides: list[str] = (), cpus_per_hospital: float = 1.0) -> None:
+    """Run the federation described by ``cfg`` on Flower's simulation engine (Ray).
+
+    ``overrides``: the ones given on the command line (checked on ``resume=``)."""
     validate(cfg)
     server = ServerApp()
 
@@ -31,7 +34,7 @@ def simulate(cfg: DictConfig, cpus_per_hospital: float = 1.0) -> None:
     def _main(grid: Grid, context: Context) -> None:
         _setup_logging()
         try:
-            run_federation(grid, cfg)
+            run_federation(grid, cfg, overrides)
         except CareFLError as err:
             log.error("%s", err)
             raise
@@ -48,6 +51,6 @@ def simulate(cfg: DictConfig, cpus_per_hospital: float = 1.0) -> None:
 def main(cfg: DictConfig) -> None:
     """``carefl-sim`` console script."""
     try:
-        simulate(cfg)
+        simulate(cfg, list(HydraConfig.get().overrides.task))
     except CareFLError as err:
         raise SystemExit(f"carefl-sim: {err}") from None
