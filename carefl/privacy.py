@@ -59,6 +59,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -71,6 +72,10 @@ from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import DataLoader
 
 from carefl.errors import ConfigError
+
+# Opacus' per-sample-gradient hooks fire on module outputs when the input needs no grad (the
+# first layer); torch warns on every backward although nothing is wrong. Keep logs readable.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
 
 #: One accountant history entry: (noise_multiplier sigma, sample_rate q, number of steps).
 Step = tuple[float, float, int]
