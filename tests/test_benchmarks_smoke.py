@@ -131,4 +131,4 @@ def test_broadcast_collects_every_reply_and_honours_the_timeout(monkeypatch):
 
     silent = _Silent()
     assert _broadcast(silent, [1, 2], "train", RecordDict(), 1, 0.05, ["h0", "h1"]) == []
-    assert silent.polls >= 3  # polled again and again within 50 ms, then gave up
+    assert silent.polls >= 1  # polled, then gave up at the timeout (how often depends on load: not asserted)
