@@ -172,10 +172,11 @@ class Federation:
         self.next_round = int(state["round"]) + 1
 
     def finish(self, status: str, message: str = "") -> Path:
-        """Write ``model_final.pt``, the end ledger entry, metrics and plots; return the model path."""
+        """Write ``model_final.pt``, the end ledger entry, metrics, ``summary.md`` and plots;
+        return the model path."""
         final = self.run_dir / "model_final.pt"
         checkpoint.atomic_save(self.global_state, final)
         self.ledger.append("end", round=self.next_round - 1, config_hash=self.config_hash,
                            model_after=hash_state_dict(self.global_state))
-        self.report.finish(status, message)
+        log.info("results:\n%s", self.report.finish(status, message))
         return final

@@ -97,9 +97,40 @@ class Report:
         atomic_write_text(path, json.dumps(self.data, indent=2, default=float, allow_nan=True))
         return path
 
-    def finish(self, status: str, message: str = "") -> None:
+    def summary(self) -> str:
+        """Markdown table: the final federated model vs pooled and local-only baselines, per
+        test split, with the mean over OTHER sites for each local-only model (what federation
+        buys a hospital beyond its own data)."""
+        key, names = self.data["headline"], self.data["hospitals"]
+        final = self.data["rounds"][-1]["eval"] if self.data["rounds"] else {}
+
+        def mean(values: dict, sites: list[str]) -> str:
+            found = [values[h][key] for h in sites if h in values]
+            return f"{sum(found) / len(found):.3f}" if found else "-"
+
+        def row(label: str, values: dict, own: str | None = None) -> str:
+            cells = [f"{values[h][key]:.3f}" if h in values else "-" for h in names]
+            others = [h for h in names if h != own]
+            off = [mean(values, others), mean(final, others)] if own else ["-", "-"]
+            return f"| {label} | " + " | ".join(cells + off) + " |"
+
+        lines = [f"{key} on each hospital's test split (status: {self.data['status']})", "",
+                 "| model | " + " | ".join(names) + " | mean on the other sites | federated on those sites |",
+                 "|---|" + "---|" * (len(names) + 2), row("federated (final)", final)]
+        baselines = self.data["baselines"]
+        if baselines.get("pooled"):
+            lines.append(row("pooled (centralised)", baselines["pooled"]))
+        for trained_at, values in baselines.get("local_only", {}).items():
+            lines.append(row(f"local-only {trained_at}", values, own=trained_at))
+        return "\n".join(lines) + "\n"
+
+    def finish(self, status: str, message: str = "") -> str:
+        """Save metrics.json, ``summary.md`` and the plots; return the summary table."""
         self.data["status"], self.data["message"] = status, message
         self.save()
+        summary = self.summary()
+        atomic_write_text(self.run_dir / "summary.md", summary)
         from carefl.plots import plot_run  # matplotlib only when a run ends
 
         plot_run(self.data, self.run_dir / "plots")
+        return summary

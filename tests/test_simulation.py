@@ -1,0 +1,127 @@
+"""End to end on Flower's simulation engine, through the real entry points.
+
+carefl-sim (Hydra) and `flwr run .` start real Ray-backed simulations of the same
+ServerApp/ClientApp; sizes are tiny so the whole file runs in a few minutes.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from carefl import privacy
+from carefl.config import compose_config
+from carefl.data import load_hospital
+from carefl.hospital import local_steps, planned_noise_multiplier
+from carefl.ledger import hash_state_dict, verify_run
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY = ["data.image_size=16", "data.n_train=24", "data.n_test=6", "model.channels=[4,8,16]", "federation.batch_size=8"]
+
+pytestmark = pytest.mark.slow
+
+
+def _run_dirs(out: Path) -> list[Path]:
+    return sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def carefl_sim(out: Path, *overrides: str, multirun: bool = False) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "carefl-sim"), *(["-m"] if multirun else []), f"output_dir={out}", *TINY, *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_run_directory_holds_config_metrics_models_plots_and_a_valid_ledger(tmp_path):
+    proc = carefl_sim(tmp_path, "federation.rounds=2")
+    (run,) = _run_dirs(tmp_path)
+    log = proc.stdout + proc.stderr
+    assert "round 1/2" in log and "round 2/2" in log and "dice" in log  # one progress line per round
+    assert (run / "config.yaml").is_file() and (run / "model_final.pt").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").glob("round_*.pt")) == ["round_001.pt", "round_002.pt"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and [r["round"] for r in metrics["rounds"]] == [1, 2]
+    for record in metrics["rounds"]:
+        assert set(record["train"]) == {"st-mary", "riverside", "northfield"}
+        for train in record["train"].values():
+            assert train["status"] == "ok" and train["num_examples"] > 0 and train["train_loss"] > 0
+            assert 0 < train["epsilon"] <= 8.0 + 1e-6 and train["delta"] == 1e-5
+        assert all(0 <= e["dice"] <= 1 for e in record["eval"].values())
+        assert 0 <= record["aggregate"]["dice"] <= 1
+        assert set(record["robust"]["st-mary"]) >= {"norm", "cosine", "score", "selected", "reputation"}
+    epsilons = [[r["train"][h]["epsilon"] for r in metrics["rounds"]] for h in metrics["hospitals"]]
+    assert all(e[1] > e[0] for e in epsilons)  # privacy spending accumulates across rounds
+    baselines = metrics["baselines"]
+    assert set(baselines["local_only"]["riverside"]) == {"st-mary", "riverside", "northfield"}
+    assert set(baselines["pooled"]) == {"st-mary", "riverside", "northfield"}
+    assert {p.name for p in (run / "plots").glob("*.png")} >= {"dice.png", "epsilon.png", "train_loss.png", "norm.png"}
+    summary = (run / "summary.md").read_text()
+    assert "| federated (final) |" in summary and "| local-only riverside |" in summary and "pooled" in summary
+    assert verify_run(run).ok
+    final = torch.load(run / "model_final.pt", weights_only=True)
+    assert hash_state_dict(final) == hash_state_dict(torch.load(run / "checkpoints" / "round_002.pt", weights_only=True)["global_model"])
+
+
+def test_budget_cap_that_runs_out_after_two_rounds_ends_the_run_cleanly(tmp_path):
+    """Each hospital's cap lies between its epsilon after 2 and after 3 rounds (same formula
+    the hospital uses): rounds 1-2 train, round 3 is refused by all, the run stops cleanly."""
+    overrides = [*TINY, "federation.rounds=4"]
+    cfg = compose_config(overrides)
+    caps = {}
+    for i, name in enumerate(cfg.federation.hospitals):
+        n = len(load_hospital(cfg, name, i).train)
+        sigma = planned_noise_multiplier(cfg, n, 1e-5, 4)
+        q, steps = privacy.sample_rate(n, 8), local_steps(n, 8, 1)
+        eps2, eps3 = (privacy.epsilon([(sigma, q, steps * r)], 1e-5) for r in (2, 3))
+        caps[name] = (eps2 + eps3) / 2
+    policies = ",".join(f"{h}:{{epsilon-cap:{c:.4f}}}" for h, c in caps.items())
+    proc = carefl_sim(tmp_path, "federation.rounds=4", f"+federation.site_policies={{{policies}}}", "federation.baselines=false")
+    (run,) = _run_dirs(tmp_path)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "stopped" and "min_hospitals" in metrics["message"]
+    statuses = [{h: t["status"] for h, t in r["train"].items()} for r in metrics["rounds"]]
+    assert statuses[:2] == [{h: "ok" for h in caps}] * 2
+    assert statuses[2] == {h: "refused" for h in caps} and len(statuses) == 3
+    assert all("privacy budget" in t["reason"] for t in metrics["rounds"][2]["train"].values())
+    assert all(metrics["rounds"][1]["train"][h]["epsilon"] <= caps[h] for h in caps)
+    assert "left out" in proc.stdout + proc.stderr or "privacy budget" in proc.stdout + proc.stderr
+    assert verify_run(run).ok  # final model = round 2's, recorded in the ledger
+
+
+def test_hydra_multirun_sweeps_strategies(tmp_path):
+    carefl_sim(tmp_path, "federation.rounds=1", "federation.baselines=false", "privacy=none", "strategy=fedavg,median", multirun=True)
+    runs = _run_dirs(tmp_path)
+    assert len(runs) == 2
+    names = sorted(json.loads(json.dumps(compose_config([f"strategy={s}"]).strategy.rule.name)) for s in ("fedavg", "median"))
+    assert sorted((r / "config.yaml").read_text().split("rule:")[1].split("name:")[1].split()[0] for r in runs) == names
+
+
+def test_flwr_run_dot_runs_the_app_from_a_fresh_copy(tmp_path):
+    """The README's `flwr run . --stream`, on a copy of the project (the first run edits
+    pyproject.toml) with an isolated Flower home."""
+    app = tmp_path / "app"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (app / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, app / name)
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "PATH": f"{BIN}:{os.environ['PATH']}",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    out = tmp_path / "out"
+    overrides = " ".join([*TINY, "federation.rounds=2", "federation.baselines=false", f"output_dir={out}"])
+    try:
+        proc = subprocess.run([str(BIN / "flwr"), "run", ".", "--stream", "--run-config", f"overrides='{overrides}'"],
+                              cwd=app, env=env, capture_output=True, text=True, timeout=600)
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, log[-3000:]
+        assert "3 simulated SuperNodes" in log and "round 2/2" in log
+        (run,) = _run_dirs(out)
+        assert json.loads((run / "metrics.json").read_text())["status"] == "completed"
+    finally:  # `flwr run` leaves a detached local SuperLink behind: stop ours
+        subprocess.run(["pkill", "-f", f"flower-superlink.*{tmp_path / 'flwr'}"], check=False)
