@@ -100,6 +100,7 @@ def run_bare(cfg, run_dir: Path) -> list[dict]:
 def worker(variant: str, cpus_per_hospital: float, out_dir: Path, overrides: list[str]) -> None:
     """Run one federation; print ``RESULT <json>`` as the last line."""
     import torch
+    from omegaconf import OmegaConf
 
     from carefl.config import compose_config
 
@@ -110,7 +111,9 @@ def worker(variant: str, cpus_per_hospital: float, out_dir: Path, overrides: lis
         rounds = run_bare(cfg, out_dir / "run")
     else:
         rounds = run_flower(cfg, cpus_per_hospital, out_dir / "run")
-    print("RESULT " + json.dumps({"rounds": rounds, "federation_seconds": time.monotonic() - start}), flush=True)
+    recipe = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "model", "federation", "privacy")}
+    print("RESULT " + json.dumps({"rounds": rounds, "federation_seconds": time.monotonic() - start, "recipe": recipe}),
+          flush=True)
 
 
 # ---- the parent: launch a worker, sample the memory of its process tree -----------------
