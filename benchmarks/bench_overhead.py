@@ -39,6 +39,8 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 #: smoke-test sizes (noise given directly: calibration is measured in the full run only)
@@ -119,34 +121,20 @@ def worker(variant: str, cpus_per_hospital: float, out_dir: Path, overrides: lis
 # ---- the parent: launch a worker, sample the memory of its process tree -----------------
 
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            tree.setdefault(ppid, []).append(int(entry))
-    return tree
-
-
 def tree_memory(pid: int) -> tuple[int, int, int]:
     """(RSS, PSS, processes) of ``pid`` and all its descendants, bytes; PSS splits shared pages."""
-    tree, todo, rss, pss, count = _children(), [pid], 0, 0, 0
-    while todo:
-        p = todo.pop()
-        todo.extend(tree.get(p, []))
+    rss = pss = count = 0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0, 0, 0
+    for proc in procs:
         try:
-            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Rss:"):
-                    rss += int(line.split()[1]) * 1024
-                elif line.startswith("Pss:"):
-                    pss += int(line.split()[1]) * 1024
-            count += 1
-        except OSError:  # gone, or a kernel thread
+            full = proc.memory_full_info()  # reads /proc/<pid>/smaps_rollup on Linux
+        except (psutil.NoSuchProcess, psutil.AccessDenied):  # gone, or a kernel thread
             continue
+        rss, pss, count = rss + full.rss, pss + full.pss, count + 1
     return rss, pss, count
 
 

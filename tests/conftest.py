@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,30 +59,12 @@ def process_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _children() -> dict[int, list[int]]:
-    """``{ppid: [pid, ...]}`` of every process visible in /proc."""
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        tree.setdefault(ppid, []).append(int(entry))
-    return tree
-
-
 def descendants(pid: int) -> list[int]:
-    """All descendants of ``pid`` (children first-level first), found through their ppid."""
-    tree, out, todo = _children(), [], [pid]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
+    """All descendants of ``pid`` (psutil walks the ppid tree)."""
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str, on_timeout: Callable[[], str] = str,
                poll: float = 0.5):
