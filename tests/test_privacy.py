@@ -195,3 +195,19 @@ def test_bad_privacy_settings_raise_config_errors():
         make_private(model, opt, loader, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="ghost")
     with pytest.raises(ConfigError, match="privacy.target_delta"):
         calibrate_noise(8.0, 1.5, 0.1, 100)
+
+
+def test_secure_mode_without_torchcsprng_is_one_clear_config_error():
+    """privacy.secure_mode needs Opacus' CSPRNG backend (torchcsprng); where it is missing the
+    hospital gets a ConfigError naming the key and the fix, not an ImportError mid-round."""
+    import importlib.util
+
+    from carefl.privacy import make_private
+
+    if importlib.util.find_spec("torchcsprng") is not None:
+        pytest.skip("torchcsprng is installed here: secure mode works")
+    model = torch.nn.Linear(3, 1)
+    loader = DataLoader(TensorDataset(torch.randn(8, 3), torch.randn(8, 1)), batch_size=4)
+    with pytest.raises(ConfigError, match="privacy.secure_mode"):
+        make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
+                     noise_multiplier=1.0, max_grad_norm=1.0, secure_mode=True)
