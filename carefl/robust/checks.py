@@ -37,5 +37,5 @@ def validate_update(
             sq_norm += (v.double() - g.double()).square().sum().item()
     norm = sq_norm**0.5
     if max_update_norm is not None and not norm <= max_update_norm:
-        return f"hospital {hospital}: update norm {norm:.4g} exceeds max_update_norm={max_update_norm:.4g}"
+        return f"hospital {hospital}: update norm {norm:.4g} exceeds federation.max_update_norm={max_update_norm:.4g}"
     return None
