@@ -62,6 +62,7 @@ def validate(cfg: DictConfig) -> None:
         1 <= fed.min_hospitals <= n,
         f"federation.min_hospitals={fed.min_hospitals} must be between 1 and the {n} hospitals listed",
     )
+    _require(fed.torch_threads >= 1, f"federation.torch_threads={fed.torch_threads} must be >= 1")
     _require(fed.round_timeout_s > 0, f"federation.round_timeout_s={fed.round_timeout_s} must be > 0")
     priv = cfg.privacy
     if priv.enabled:

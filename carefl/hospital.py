@@ -25,7 +25,9 @@ from carefl.models import build_model, plain_state_dict
 from carefl.training import evaluate, make_loader, make_optimizer, train_epochs
 
 #: node-config keys a SuperNode may set (``flower-supernode --node-config 'k=v ...'``)
-NODE_KEYS = ("hospital", "data-path", "state-dir", "epsilon-cap", "delta", "site-policy")
+NODE_KEYS = ("hospital", "data-path", "state-dir", "epsilon-cap", "delta", "site-policy", "torch-threads")
+#: keys Flower's simulation engine sets itself
+SIMULATION_KEYS = ("partition-id", "num-partitions")
 
 
 @dataclass
@@ -52,6 +54,12 @@ def identify(cfg, node_config: Mapping, run_dir: str) -> Hospital:
     Simulation: ``partition-id`` i selects ``federation.hospitals[i]``; state defaults to
     ``<run_dir>/hospitals/<name>``.
     """
+    unknown = sorted(set(node_config) - set(NODE_KEYS) - set(SIMULATION_KEYS))
+    if unknown:  # a typo such as epsilon_cap must not silently drop a hospital's budget
+        raise ConfigError(
+            f"unknown SuperNode node-config key(s) {unknown}; valid keys: {', '.join(NODE_KEYS)} "
+            "(fix the flower-supernode --node-config of this hospital)"
+        )
     hospitals = list(cfg.federation.hospitals)
     simulated = "partition-id" in node_config
     if "hospital" in node_config:

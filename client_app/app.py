@@ -1,11 +1,13 @@
 """CareFL ClientApp (Flower 1.41 Message API): one hospital, messages <-> ``carefl.hospital``.
 
 The hospital's own settings come from its SuperNode's node config (never from the server):
-``hospital``, ``data-path``, ``state-dir``, ``epsilon-cap``, ``delta``, ``site-policy``.
+``hospital``, ``data-path``, ``state-dir``, ``epsilon-cap``, ``delta``, ``site-policy``,
+``torch-threads``.
 """
 
 from __future__ import annotations
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -18,6 +20,7 @@ app = ClientApp()
 def _request(msg: Message, context: Context):
     config = msg.content["config"]
     cfg = from_json(str(config["cfg"]))
+    torch.set_num_threads(int(context.node_config.get("torch-threads", cfg.federation.torch_threads)))
     hospital = identify(cfg, context.node_config, str(config["run-dir"]))
     state = msg.content["arrays"].to_torch_state_dict()
     return cfg, hospital, state, int(config["round"])

@@ -248,6 +248,7 @@ def run_federation(grid: Grid, cfg: DictConfig, overrides: Sequence[str] = ()) -
     if cfg.federation.baselines and status == "completed":
         if simulated:
             log.info("baselines: training local-only and pooled models on the same splits ...")
+            torch.set_num_threads(int(cfg.federation.torch_threads))
             fed.report.add_baselines(run_baselines(cfg, log))
         else:
             log.info("baselines skipped: hospitals' data is not visible to the server in deployment")
