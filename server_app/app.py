@@ -183,16 +183,22 @@ def _train_replies(replies, names: dict[int, str]) -> list[TrainReply]:
 
 
 def _progress(cfg, server_round: int, summary, evals: dict, aggregate: dict, seconds: float, replies) -> str:
+    """One line per round; hospitals in ``federation.hospitals`` order, then any others."""
     head = HEADLINE[cfg.task.kind]
-    loss = " ".join(f"{h} {v:.3f}" for h, v in summary.train_loss.items())
-    metric = ", ".join(f"{h} {m[head]:.3f}" for h, m in evals.items())
-    eps = " ".join(f"{r.hospital} {r.metrics['epsilon']:.2f}" for r in replies if "epsilon" in r.metrics)
+    order = {h: i for i, h in enumerate(cfg.federation.hospitals)}
+
+    def ranked(names):
+        return sorted(names, key=lambda h: (order.get(h, len(order)), h))
+
+    loss = " ".join(f"{h} {summary.train_loss[h]:.3f}" for h in ranked(summary.train_loss))
+    metric = ", ".join(f"{h} {evals[h][head]:.3f}" for h in ranked(evals))
+    eps = {r.hospital: r.metrics["epsilon"] for r in replies if "epsilon" in r.metrics}
     parts = [f"round {server_round}/{cfg.federation.rounds}", f"loss: {loss}",
              f"{head} {aggregate.get(head, float('nan')):.3f} ({metric})"]
     if eps:
-        parts.append(f"epsilon: {eps}")
+        parts.append("epsilon: " + " ".join(f"{h} {eps[h]:.2f}" for h in ranked(eps)))
     if summary.rejected:
-        parts.append("left out: " + ", ".join(summary.rejected))
+        parts.append("left out: " + ", ".join(ranked(summary.rejected)))
     parts.append(f"{seconds:.1f}s")
     return " | ".join(parts)
 
