@@ -10,6 +10,8 @@ instead of ``--run-config``. Each job writes its own ``<output_dir>/<run-id>/``.
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from flwr.app import Context
@@ -17,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 from omegaconf import DictConfig
 
-from carefl.config import CONF_DIR, validate
+from carefl.config import CONF_DIR, compose_config, validate
 from carefl.errors import CareFLError
 from client_app.app import app as client_app
 from server_app.app import _setup_logging, log, run_federation
@@ -48,9 +50,21 @@ def simulate(cfg: DictConfig, overrides: list[str] = (), cpus_per_hospital: floa
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
-def main(cfg: DictConfig) -> None:
-    """``carefl-sim`` console script."""
+def _hydra_main(cfg: DictConfig) -> None:
     try:
         simulate(cfg, list(HydraConfig.get().overrides.task))
     except CareFLError as err:
         raise SystemExit(f"carefl-sim: {err}") from None
+
+
+def main() -> None:
+    """``carefl-sim`` console script. A single run's overrides are checked first, so a bad
+    key or value is one line naming it (Hydra's own report spans several); sweeps (``-m``)
+    and Hydra flags go to Hydra as they are."""
+    args = sys.argv[1:]
+    if not any(a.startswith("-") for a in args):
+        try:
+            compose_config([a for a in args if not a.startswith("hydra.")])
+        except CareFLError as err:
+            raise SystemExit(f"carefl-sim: {err}") from None
+    _hydra_main()
