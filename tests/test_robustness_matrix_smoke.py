@@ -1,0 +1,58 @@
+"""benchmarks/robustness_matrix.py: the --tiny matrix runs end to end and writes its table.
+
+No timed assertions: only the CSV's rows and columns, Dice values in [0, 1], the markdown
+table and the heatmap; plus how a cell is configured (Bulyan's extra hospital, f).
+"""
+
+import csv
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+from carefl.attacks import byzantine_indices
+from carefl.config import compose_config
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "robustness_matrix.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("robustness_matrix", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_matrix_writes_csv_markdown_and_heatmap(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / "robustness_matrix.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["rule", "attack", "hospitals", "f", "dice", "worst_dice", "rounds", "status", "seconds"]
+    assert [(r["rule"], r["attack"]) for r in rows] == [
+        ("fedavg", "none"), ("fedavg", "signflip"), ("median", "none"), ("median", "signflip")]
+    for r in rows:
+        assert 0.0 <= float(r["worst_dice"]) <= float(r["dice"]) <= 1.0, r
+        assert r["hospitals"] == "10" and r["rounds"] == "1" and r["status"] == "completed"
+        assert r["f"] == ("0" if r["attack"] == "none" else "2")
+    table = (tmp_path / "robustness_matrix.md").read_text()
+    assert "| fedavg |" in table and "| median |" in table and "Clean reference (FedAvg, no attack)" in table
+    assert table.splitlines()[0] in proc.stdout  # the table is printed too
+    assert (tmp_path / "robustness_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cells_use_f_of_20_percent_and_bulyan_gets_its_hospitals():
+    rm = _module()
+    args = rm.parse_args([])
+    overrides, n, f = rm.cell_overrides(args, "bulyan", "alie")
+    assert (n, f) == (11, 2)
+    cfg = compose_config(overrides)
+    assert cfg.strategy.f == 2 and len(cfg.federation.hospitals) == 11
+    assert byzantine_indices(cfg.attack, n) == [9, 10]  # h00..h07, evaluated everywhere, stay honest
+    overrides, n, f = rm.cell_overrides(args, "fedavg", "none")
+    cfg = compose_config(overrides)
+    assert (n, f) == (10, 2) and cfg.strategy.f == 0 and byzantine_indices(cfg.attack, n) == []
+    cfg = compose_config(rm.cell_overrides(args, "robust", "signflip")[0])
+    assert cfg.strategy.f == 2 and byzantine_indices(cfg.attack, 10) == [8, 9]
