@@ -29,8 +29,12 @@ def _per_hospital_plot(data: dict, section: str, key: str, title: str, path: Pat
         if not xs:
             continue
         color = f"C{i % 10}"
-        ax.plot(xs, ys, marker="o", color=color, label=f"{hospital} (federated)")
+        ax.plot(xs, ys, marker="o", color=color, label=f"{hospital} (federated)" if baselines else hospital)
         drawn = True
+        if key == "epsilon":  # the hospital's own cap (its site policy)
+            caps = _series(rounds, section, hospital, "epsilon_cap")[1]
+            if caps:
+                ax.axhline(caps[-1], color=color, linestyle="--", linewidth=1, label=f"{hospital} cap")
         if baselines:
             local = data["baselines"].get("local_only", {}).get(hospital, {}).get(hospital, {}).get(key)
             if local is not None:
