@@ -56,6 +56,9 @@ from flwr.serverapp.strategy.multikrum import select_multikrum  # noqa: E402
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from omegaconf import OmegaConf  # noqa: E402
+
+from carefl.config import compose_config  # noqa: E402
 from carefl.robust import RULES, build_aggregator, flatten_updates  # noqa: E402
 
 
@@ -128,7 +131,8 @@ def main() -> None:
     }
     rules = {name: {"name": name} for name in RULES}
     rules["centered_clip"] = {"name": "centered_clip", "tau": 1.0, "iters": 3}
-    pipelines = {**rules, "robust (nnm+clip+geomed)": {"name": "geomed", "pre": [{"name": "nnm"}, {"name": "clip", "tau": None}]}}
+    robust = OmegaConf.to_container(compose_config("strategy=robust").strategy, resolve=True)  # the shipped default
+    pipelines = {**rules, "robust (conf/strategy)": {**robust["rule"], "pre": robust["pre"]}}
 
     print(f"n={n} hospitals, d={d:,} floats ({len(shapes)} tensors), f={f}, threads={ARGS.threads}, repeat={ARGS.repeat}")
     global_state = {f"p{k}": torch.zeros(s) for k, s in enumerate(shapes)}

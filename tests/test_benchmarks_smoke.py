@@ -132,3 +132,17 @@ def test_broadcast_collects_every_reply_and_honours_the_timeout(monkeypatch):
     silent = _Silent()
     assert _broadcast(silent, [1, 2], "train", RecordDict(), 1, 0.05, ["h0", "h1"]) == []
     assert silent.polls >= 1  # polled, then gave up at the timeout (how often depends on load: not asserted)
+
+
+def test_bench_aggregation_tiny_agrees_with_flower_on_every_shared_rule(tmp_path):
+    """benchmarks/bench_aggregation.py --tiny: every rule that Flower 1.41 also ships gives
+    the same aggregate on the same inputs, and every CareFL rule (incl. the shipped robust
+    default) ran."""
+    out = tmp_path / "agg.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_aggregation.py"), "--tiny", "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    rows = {r["rule"]: r for r in json.loads(out.read_text())["rows"]}
+    shared = {"median", "trimmed_mean", "krum", "multikrum", "bulyan"}
+    assert shared <= set(rows) and "robust (conf/strategy)" in rows
+    assert all(rows[r]["agree"] is True and rows[r]["flower_s"] > 0 for r in shared)
+    assert all(r["carefl_s"] > 0 for r in rows.values())
