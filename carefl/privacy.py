@@ -58,7 +58,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +70,7 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import DataLoader
 
+from carefl.checkpoint import atomic_write_text
 from carefl.errors import ConfigError
 
 # Opacus' per-sample-gradient hooks fire on module outputs when the input needs no grad (the
@@ -230,16 +230,7 @@ def save_history(state_dir: str | os.PathLike, history: list[Step]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / HISTORY_FILE
     payload = json.dumps({"history": [[float(s), float(q), int(n)] for s, q, n in history]})
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=HISTORY_FILE, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, payload)
     return path
 
 
