@@ -13,9 +13,8 @@ import logging
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from carefl import privacy
 from carefl.data import load_hospital
-from carefl.hospital import planned_noise_multiplier
+from carefl.hospital import make_private, planned_noise_multiplier
 from carefl.models import build_model
 from carefl.training import evaluate, make_loader, make_optimizer, train_epochs
 
@@ -30,10 +29,7 @@ def train_centrally(cfg, dataset: Dataset, seed: int) -> torch.nn.Module:
     trained = model
     if cfg.privacy.enabled:
         sigma = planned_noise_multiplier(cfg, len(dataset), cfg.privacy.target_delta, epochs)
-        trained, optimizer, loader, _ = privacy.make_private(
-            model, optimizer, loader, noise_multiplier=sigma, max_grad_norm=cfg.privacy.max_grad_norm,
-            accountant=cfg.privacy.accountant, secure_mode=cfg.privacy.secure_mode, history=[],
-        )
+        trained, optimizer, loader, _ = make_private(cfg, model, optimizer, loader, sigma, history=[])
     train_epochs(trained, optimizer, loader, cfg.task, epochs)
     return model
 

@@ -147,6 +147,22 @@ def planned_noise_multiplier(cfg, num_examples: int, delta: float, epochs: int, 
     return float(known[key])
 
 
+def make_private(cfg, model, optimizer, loader, sigma: float, history: list):
+    """``privacy.make_private`` with the ``cfg.privacy`` recipe (clip bound, accountant, secure
+    mode, per-sample-gradient mode): the one place hospitals and baselines set up DP-SGD."""
+    return privacy.make_private(
+        model,
+        optimizer,
+        loader,
+        noise_multiplier=sigma,
+        max_grad_norm=cfg.privacy.max_grad_norm,
+        accountant=cfg.privacy.accountant,
+        secure_mode=cfg.privacy.secure_mode,
+        history=history,
+        grad_sample_mode=cfg.privacy.get("grad_sample_mode", "hooks"),
+    )
+
+
 @dataclass
 class TrainReply:
     """A hospital's answer to a training request.
@@ -199,17 +215,7 @@ def train_round(cfg, hospital: Hospital, global_state: dict[str, torch.Tensor], 
         metrics["epsilon"] = privacy.epsilon(history, policy.delta, cfg.privacy.accountant) if history else 0.0
         metrics["train_seconds"] = time.perf_counter() - start
         return TrainReply(hospital.name, "refused", f"{hospital.name}: {reason}", None, metrics)
-    dp_model, dp_optimizer, dp_loader, engine = privacy.make_private(
-        model,
-        optimizer,
-        loader,
-        noise_multiplier=sigma,
-        max_grad_norm=cfg.privacy.max_grad_norm,
-        accountant=cfg.privacy.accountant,
-        secure_mode=cfg.privacy.secure_mode,
-        history=history,
-        grad_sample_mode=cfg.privacy.get("grad_sample_mode", "hooks"),
-    )
+    dp_model, dp_optimizer, dp_loader, engine = make_private(cfg, model, optimizer, loader, sigma, history)
     result = train_epochs(dp_model, dp_optimizer, dp_loader, cfg.task, fed.local_epochs, cfg.strategy.prox_mu)
     history = list(engine.accountant.history)
     privacy.save_history(hospital.state_dir, history)
