@@ -2,6 +2,7 @@
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,9 +10,11 @@ from carefl.robust.bulyan import Bulyan
 from carefl.robust.centered_clip import CenteredClipping
 from carefl.robust.geomed import GeometricMedian
 from carefl.robust.krum import Krum, MultiKrum
-from carefl.robust.linalg import _batcher_network, dists_to, pairwise_sq_dists, sort_columns
+from carefl.robust import linalg
+from carefl.robust.linalg import dists_to, pairwise_sq_dists
 from carefl.robust.mean import WeightedMean
 from carefl.robust.median import CoordinateMedian
+from carefl.robust.networks import batcher_network, selection_network
 from carefl.robust.trimmed_mean import TrimmedMean
 
 torch.set_num_threads(1)
@@ -25,21 +28,67 @@ def ones(n):
     return torch.ones(n)
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 13, 20, 33, 41])
-def test_sort_columns_matches_torch_sort(n):
-    x = torch.randn(n, 257)
-    assert torch.equal(sort_columns(x), x.sort(dim=0).values)
+def network_output(network, values):
+    v = list(values)
+    for i, j in network:
+        if v[i] > v[j]:
+            v[i], v[j] = v[j], v[i]
+    return v
 
 
-def test_sorting_network_sorts_every_01_input():
+def test_batcher_network_sorts_every_01_input():
     # 0-1 principle: a comparator network sorts everything iff it sorts all 0/1 inputs.
     for n in (3, 6, 7, 11):
         for bits in itertools.product((0, 1), repeat=n):
-            v = list(bits)
-            for i, j in _batcher_network(n):
-                if v[i] > v[j]:
-                    v[i], v[j] = v[j], v[i]
-            assert v == sorted(v)
+            assert network_output(batcher_network(n), bits) == sorted(bits)
+
+
+@pytest.mark.parametrize("n, ranks, splits", [
+    (5, (2,), ()), (8, (3, 4), ()), (9, (1, 7), (1, 8)), (11, (0, 1, 5, 9, 10), ()), (12, (), (3, 9)),
+])
+def test_selection_network_keeps_its_promise_on_every_01_input(n, ranks, splits):
+    # checked here by plain Python, independently of the bit-packed check that pruned it
+    network = selection_network(n, ranks, splits)
+    assert len(network) < len(batcher_network(n))
+    for bits in itertools.product((0, 1), repeat=n):
+        out, ref = network_output(network, bits), sorted(bits)
+        assert all(out[r] == ref[r] for r in ranks)
+        assert all(max(out[:k], default=0) <= min(out[k:], default=1) for k in splits)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 13, 16, 20, 21, 33, 41])
+@pytest.mark.parametrize("ties", [False, True])
+def test_ordered_blocks_match_torch_sort_across_blocks(n, ties, monkeypatch):
+    monkeypatch.setattr(linalg, "SORT_BLOCK", 64)  # 257 columns -> several blocks and a short last one
+    torch.manual_seed(n)
+    x = torch.randn(n + 3, 257)
+    x = x.round() if ties else x
+    rows = torch.arange(2, n + 2)
+    ref = x[rows].sort(dim=0).values
+    lo, hi = linalg.median_ranks(n)
+    k = n // 3
+    seen = 0
+    for cols, wires in linalg.ordered_blocks(x, ranks=(lo, hi, k), splits=(k, n - k), rows=rows):
+        for r in (lo, hi, k):
+            assert torch.equal(wires[r], ref[r, cols])
+        middle = torch.stack(wires[k : n - k]).sort(dim=0).values
+        assert torch.equal(middle, ref[k : n - k, cols])
+        seen += cols.stop - cols.start
+    assert seen == 257
+
+
+def test_median_and_trimmed_mean_match_numpy_and_the_sorted_definition(monkeypatch):
+    monkeypatch.setattr(linalg, "SORT_BLOCK", 100)
+    torch.manual_seed(3)
+    for n in (4, 7, 20, 45):
+        for x in (torch.randn(n, 333), torch.randn(n, 333).round()):
+            assert torch.equal(CoordinateMedian()(x, ones(n)).update, torch.from_numpy(np.median(x.numpy(), axis=0)))
+            s = x.sort(dim=0).values
+            for f in range(n // 2):
+                res = TrimmedMean(f=f)(x, ones(n))
+                assert torch.allclose(res.update, s[f : n - f].mean(0), atol=1e-6)
+                outside = (x < s[f]) | (x > s[n - f - 1])
+                assert torch.equal(res.scores, outside.double().mean(dim=1))
 
 
 def test_pairwise_distances_survive_a_large_common_offset():
@@ -103,16 +152,20 @@ def test_bulyan_beta_closest_with_duplicate_values():
     assert torch.allclose(res.update, torch.tensor([0.0, -1.0 / 6]))
 
 
-def test_bulyan_matches_its_definition_on_random_inputs():
-    torch.manual_seed(0)
-    n, f = 11, 2
+@pytest.mark.parametrize("n, f", [(7, 1), (11, 2), (15, 3), (20, 2), (23, 5), (45, 2)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_bulyan_matches_its_definition_on_random_inputs(n, f, ties, monkeypatch):
+    monkeypatch.setattr(linalg, "SORT_BLOCK", 128)
+    torch.manual_seed(n)
     x = torch.randn(n, 300)
+    x = x.round() if ties else x
     res = Bulyan(f=f)(x, ones(n))
-    sel = x[res.selected]
-    med = sel.median(dim=0).values if sel.shape[0] % 2 else sel.quantile(0.5, dim=0)
+    # sorting first makes "closest" break ties towards the smaller value, as the rule does
+    sel = x[res.selected].double().sort(dim=0).values
+    med = sel.quantile(0.5, dim=0)
     beta = n - 4 * f
-    idx = (sel - med).abs().argsort(dim=0)[:beta]
-    assert torch.allclose(res.update, sel.gather(0, idx).mean(0), atol=1e-6)
+    idx = (sel - med).abs().argsort(dim=0, stable=True)[:beta]
+    assert torch.allclose(res.update, sel.gather(0, idx).mean(0).float(), atol=1e-6)
     assert torch.equal(res.selected, torch.isin(torch.arange(n), res.scores.argsort()[: n - 2 * f]))
 
 

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from carefl.robust.base import AggResult, Rule
 from carefl.robust.krum import krum_scores
-from carefl.robust.linalg import SORT_BLOCK, column_blocks, median_of_sorted, sort_columns
+from carefl.robust.linalg import sort_block, median_ranks, ordered_blocks
 
 
 class Bulyan(Rule):
@@ -19,9 +19,17 @@ class Bulyan(Rule):
 
     scores: Krum score. selected: in the theta-set of step 1.
 
-    Step 2 works on sorted columns: the ``beta`` values closest to the median form a
-    contiguous window of the sorted column, found by counting the window slides that bring a
-    closer value in (duplicate values are handled exactly).
+    Step 2, per column with the selected values sorted ``s[0] <= ... <= s[theta-1]`` and median
+    ``med = (s[m1] + s[m2]) / 2``: the beta values closest to ``med`` form a window
+    ``s[a : a + beta]``. Sliding the window from a = j to j + 1 swaps ``s[j]`` out for
+    ``s[j + beta]``; it brings a closer value in iff ``h_j: s[j] + s[j + beta] < s[m1] + s[m2]``
+    (for ``s[j] <= med <= s[j + beta]`` this is ``|s[j + beta] - med| < |s[j] - med|``; when both
+    lie on one side of ``med`` the two tests agree, or differ only by swapping equal values). ``s[j] + s[j + beta]`` grows with j, so the ``h_j``
+    are a prefix of Trues and the best start is ``a = #{j < 2f : h_j}``: row r is in the window iff
+    ``a <= r`` (i.e. ``r >= 2f`` or not ``h_r``) and ``r < a + beta`` (i.e. ``r < beta`` or
+    ``h_{r - beta}``). The sums are taken in float64, where a sum of two float32 values is
+    exact unless their exponents differ by more than 29 (no float32 near-ties).
+    Only the ranks these formulas read are computed (a selection network, not a full sort).
     """
 
     def __init__(self, f: int = 0):
@@ -31,23 +39,30 @@ class Bulyan(Rule):
         n, d = updates.shape
         theta = n - 2 * self.f
         beta = theta - 2 * self.f
+        g = theta - beta  # = 2f possible window starts after 0
         scores = krum_scores(updates, self.f)
         chosen = torch.argsort(scores, stable=True)[:theta]
         selected = torch.zeros(n, dtype=torch.bool)
         selected[chosen] = True
-        chosen = chosen.sort().values
+        m1, m2 = median_ranks(theta)
+        edge = [r for r in range(theta) if r < g or r >= beta]  # rows whose inclusion varies
+        width = sort_block(d)
+        pair_sums = torch.empty(2, width, dtype=torch.float64)
+        slides = torch.empty(g, width, dtype=updates.dtype)  # h_j as 0./1.
         update = torch.empty(d, dtype=updates.dtype)
-        for cols in column_blocks(d, SORT_BLOCK):
-            s = sort_columns(updates[chosen, cols])
-            # sliding the window right by one swaps s[a] out for s[a + beta]; it helps iff
-            # s[a + beta] is closer to the median. |s - med| is V-shaped along the sorted column,
-            # so the helpful slides form a prefix and the best start is their count. Compared in
-            # float64, where differences of float32 values are exact (no float32 near-ties).
-            s64 = s.double()
-            med = median_of_sorted(s64)
-            best_start = torch.zeros(s.shape[1], dtype=torch.long)
-            for a in range(theta - beta):
-                best_start += (s64[a + beta] - med).abs() < (s64[a] - med).abs()
-            rows = best_start + torch.arange(beta)[:, None]
-            update[cols] = s.gather(0, rows).mean(dim=0)
+        for cols, s in ordered_blocks(updates, ranks=(*edge, m1, m2), rows=chosen.sort().values):
+            c = cols.stop - cols.start
+            twice_med, pair = pair_sums[0, :c].copy_(s[m1]).add_(s[m2]), pair_sums[1, :c]
+            h = slides[:, :c]
+            for j in range(g):
+                torch.lt(pair.copy_(s[j]).add_(s[j + beta]), twice_med, out=h[j])
+            total = update[cols].zero_()
+            for r in range(g, beta):  # in every window; the network left them unordered
+                total.add_(s[r])
+            for r in edge:  # keep in {0., 1.}: adds exactly the value or 0 (updates are finite)
+                keep = 1.0 - h[r] if r < g else h[r - beta]  # a <= r, else r < a + beta
+                if r < g and r >= beta:
+                    keep = keep * h[r - beta]
+                total.addcmul_(keep, s[r])
+            total.div_(beta)
         return AggResult(update, scores, selected)

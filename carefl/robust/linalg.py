@@ -8,20 +8,24 @@ few MB.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-#: floats per column block for order statistics: n x 16384 x 4 bytes stays in L2 cache for
-#: n ~ 20, which is what makes the sorting network below fast.
-SORT_BLOCK = 16384
+from carefl.robust.networks import selection_network
+
+#: columns per order-statistics block and torch thread (up to 4 threads): with n ~ 20 rows the
+#: (n + 1) x 65536 float32 workspace (5.5 MB) stays in L2/L3, and each comparator op is long
+#: enough (65536 floats per thread) to amortise torch's per-op dispatch. Measured on the 2-core
+#: dev machine: 1 thread is fastest at 65536, 2 threads at 131072 (BENCHMARKS.md).
+SORT_BLOCK = 1 << 16
 #: floats per column block for Gram / distance passes: small enough that the centred /
 #: shifted temporary (n x 65536 floats) stays in cache; per-block results are summed in float64.
 DIST_BLOCK = 1 << 16
-#: up to this many rows, columns are sorted with an elementwise min/max sorting network
-#: (about 8x faster than ``torch.sort`` along dim 0 on CPU); above it ``torch.sort``.
+#: up to this many rows, columns go through an elementwise min/max comparator network
+#: (see :mod:`carefl.robust.networks`; several times faster than ``torch.sort`` along dim 0 on
+#: CPU); above it ``torch.sort``.
 NETWORK_MAX_N = 40
 
 
@@ -60,43 +64,50 @@ def dists_to(x: Tensor, v: Tensor) -> Tensor:
     return acc.sqrt()
 
 
-@functools.lru_cache(maxsize=None)
-def _batcher_network(n: int) -> tuple[tuple[int, int], ...]:
-    """Comparators (i, j), i < j, of Batcher's odd-even merge sort for ``n`` inputs.
+def sort_block(d: int) -> int:
+    """Columns per block for :func:`ordered_blocks` on d columns (callers size scratch with it)."""
+    return min(SORT_BLOCK * min(torch.get_num_threads(), 4), d)
 
-    Built for the next power of two with +inf padding; comparators touching a padding
-    position never swap (the +inf stays above), so they are dropped.
+
+def ordered_blocks(
+    x: Tensor, ranks: tuple[int, ...] = (), splits: tuple[int, ...] = (), rows: Tensor | None = None
+) -> Iterator[tuple[slice, list[Tensor]]]:
+    """Order statistics of the columns of ``x[rows]`` ``(m, d)`` (all rows if ``rows`` is None),
+    one column block at a time.
+
+    Yields ``(cols, wires)``: ``wires`` is a list of m ``(c,)`` tensors, the block's columns after
+    :func:`~carefl.robust.networks.selection_network` ``(m, ranks, splits)``, so ``wires[r]`` is
+    the r-th smallest value of each column for ``r`` in ``ranks`` and ``wires[:k]`` hold the k
+    smallest for ``k`` in ``splits``. Above ``NETWORK_MAX_N`` rows the block is fully sorted
+    with ``torch.sort`` instead (which keeps both promises).
+
+    Blocks are ``sort_block(d)`` columns wide. The wires live in one ``(m + 1, sort_block(d))`` workspace reused for the next block: read them
+    before advancing. Comparators write with ``out=`` into the spare row and swap references,
+    so no memory is allocated per block.
     """
-    size = 1
-    while size < n:
-        size *= 2
-    pairs = []
-    p = 1
-    while p < size:
-        k = p
-        while k >= 1:
-            for j in range(k % p, size - k, 2 * k):
-                for i in range(min(k, size - j - k)):
-                    if (i + j) // (2 * p) == (i + j + k) // (2 * p) and i + j + k < n:
-                        pairs.append((i + j, i + j + k))
-            k //= 2
-        p *= 2
-    return tuple(pairs)
+    d = x.shape[1]
+    row_ids = list(range(x.shape[0])) if rows is None else rows.tolist()
+    m = len(row_ids)
+    if m > NETWORK_MAX_N:
+        for cols in column_blocks(d, sort_block(d)):
+            block = x[:, cols] if rows is None else x[rows, cols]
+            yield cols, list(block.sort(dim=0).values.unbind(0))
+        return
+    network = selection_network(m, tuple(sorted(set(ranks))), tuple(sorted(set(splits))))
+    workspace = torch.empty(m + 1, sort_block(d), dtype=x.dtype)
+    for cols in column_blocks(d, sort_block(d)):
+        wires = list(workspace[:, : cols.stop - cols.start].unbind(0))
+        spare = wires.pop()
+        for wire, r in zip(wires, row_ids):
+            wire.copy_(x[r, cols])
+        for i, j in network:
+            lo, hi = wires[i], wires[j]
+            torch.minimum(lo, hi, out=spare)
+            torch.maximum(lo, hi, out=hi)
+            wires[i], spare = spare, lo
+        yield cols, wires
 
 
-def sort_columns(block: Tensor) -> Tensor:
-    """``block`` ``(n, c)`` sorted ascending along dim 0 (each column independently)."""
-    n = block.shape[0]
-    if n > NETWORK_MAX_N:
-        return block.sort(dim=0).values
-    rows = list(block.unbind(0))
-    for i, j in _batcher_network(n):
-        lo, hi = rows[i], rows[j]
-        rows[i], rows[j] = torch.minimum(lo, hi), torch.maximum(lo, hi)
-    return torch.stack(rows)
-
-
-def median_of_sorted(s: Tensor) -> Tensor:
-    """Median ``(c,)`` of columns already sorted along dim 0 (mean of the two middles if even)."""
-    n = s.shape[0]
-    return (s[(n - 1) // 2] + s[n // 2]) * 0.5
+def median_ranks(m: int) -> tuple[int, int]:
+    """The two middle ranks of m values (equal when m is odd)."""
+    return (m - 1) // 2, m // 2

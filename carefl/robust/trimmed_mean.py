@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from carefl.robust.base import AggResult, Rule
-from carefl.robust.linalg import SORT_BLOCK, column_blocks, sort_columns
+from carefl.robust.linalg import sort_block, ordered_blocks
 
 
 def trim_count(n: int, f: int, beta: float | None) -> int:
@@ -34,11 +34,16 @@ class TrimmedMean(Rule):
         k = trim_count(n, self.f, self.beta)
         update = torch.empty(d, dtype=updates.dtype)
         trimmed = torch.zeros(n, dtype=torch.float64)
-        for cols in column_blocks(d, SORT_BLOCK):
-            block = updates[:, cols]
-            s = sort_columns(block)
-            update[cols] = s[k : n - k].mean(dim=0)
+        flags = torch.empty(n, sort_block(d), dtype=updates.dtype)  # 0./1.: float ops beat bool ones
+        # wires k..n-k-1 end up holding the kept values; wires k and n-k-1 the extreme kept ones
+        for cols, wires in ordered_blocks(updates, ranks=(k, n - k - 1), splits=(k, n - k)):
+            kept = update[cols].copy_(wires[k])
+            for wire in wires[k + 1 : n - k]:
+                kept.add_(wire)
+            kept.div_(n - 2 * k)
             if k:
-                trimmed += ((block < s[k]) | (block > s[n - k - 1])).sum(dim=1)
+                block, flag = updates[:, cols], flags[:, : cols.stop - cols.start]
+                trimmed += torch.lt(block, wires[k], out=flag).sum(dim=1)
+                trimmed += torch.gt(block, wires[n - k - 1], out=flag).sum(dim=1)
         frac = trimmed / d
         return AggResult(update, frac, frac <= 0.5)
