@@ -9,7 +9,8 @@ import torch
 from carefl.robust.bulyan import Bulyan
 from carefl.robust.centered_clip import CenteredClipping
 from carefl.robust.geomed import GeometricMedian
-from carefl.robust.krum import Krum, MultiKrum
+from carefl.robust import krum
+from carefl.robust.krum import Krum, MultiKrum, krum_selection
 from carefl.robust import linalg
 from carefl.robust.linalg import dists_to, pairwise_sq_dists
 from carefl.robust.mean import WeightedMean
@@ -96,6 +97,49 @@ def test_pairwise_distances_survive_a_large_common_offset():
     ref = torch.cdist(x.double(), x.double()).square()
     assert torch.allclose(pairwise_sq_dists(x), ref, rtol=1e-3, atol=1e-6)
     assert torch.allclose(dists_to(x, x[0]), ref[0].sqrt(), rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale, offset", [(1.0, 0.0), (1e-3, 1.0), (1e-2, 1e3), (1e3, 0.0)])
+def test_uncentred_distances_stay_within_their_error_bound(scale, offset, monkeypatch):
+    monkeypatch.setattr(linalg, "BOUNDED_BLOCK", 1000)  # 5000 columns: several blocks
+    torch.manual_seed(0)
+    x = torch.randn(9, 5000) * scale + offset
+    x[0] += 5 * scale  # one outlier
+    dist, err = linalg.pairwise_sq_dists_bounded(x)
+    exact = torch.cdist(x.double(), x.double()).square()
+    assert ((dist - exact).abs() <= err).all()
+    c = 1001 * 2.0**-24
+    gamma = c / (1 - c)
+    norms = x.double().norm(dim=1)
+    assert torch.allclose(err[1, 2], gamma * (norms[1] + norms[2]) ** 2, rtol=1e-4)  # the formula, not a constant
+
+
+def exact_krum_order(x, f):
+    d = torch.cdist(x.double(), x.double()).square().fill_diagonal_(float("inf"))
+    return d.topk(x.shape[0] - f - 2, dim=1, largest=False).values.sum(1).argsort(stable=True)
+
+
+def test_krum_selection_is_exact_when_uncentred_distances_would_misorder():
+    # rows share a 1e3 offset over a 1e-3 spread: uncentred float32 distances are pure noise
+    # (their bound says so), and the selection must come from the centred recomputation
+    torch.manual_seed(0)
+    n, f = 9, 2
+    x = torch.randn(n, 20000) * 1e-3 * (1 + torch.arange(n) / n)[:, None] + 1e3
+    dist, err = linalg.pairwise_sq_dists_bounded(x)
+    off_diagonal = ~torch.eye(n, dtype=torch.bool)
+    assert (err[off_diagonal] > dist[off_diagonal]).all()
+    for m in range(1, n):
+        assert torch.equal(krum_selection(x, f, m)[1], exact_krum_order(x, f)[:m])
+
+
+def test_krum_selection_certifies_well_separated_updates_without_recomputing(monkeypatch):
+    torch.manual_seed(1)
+    n, f = 12, 2
+    x = torch.randn(n, 3000) * (1 + torch.arange(n) / n)[:, None]
+    x[:f] += 50.0
+    monkeypatch.setattr(krum, "pairwise_sq_dists", lambda _: pytest.fail("fell back to the centred Gram"))
+    for m in (1, n - f, n - 2 * f):
+        assert torch.equal(krum_selection(x, f, m)[1], exact_krum_order(x, f)[:m])
 
 
 def test_median_odd_and_even():

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from carefl.robust.base import AggResult, Rule
-from carefl.robust.krum import krum_scores
+from carefl.robust.krum import krum_selection
 from carefl.robust.linalg import sort_block, median_ranks, ordered_blocks
 
 
@@ -40,8 +40,7 @@ class Bulyan(Rule):
         theta = n - 2 * self.f
         beta = theta - 2 * self.f
         g = theta - beta  # = 2f possible window starts after 0
-        scores = krum_scores(updates, self.f)
-        chosen = torch.argsort(scores, stable=True)[:theta]
+        scores, chosen = krum_selection(updates, self.f, theta)
         selected = torch.zeros(n, dtype=torch.bool)
         selected[chosen] = True
         m1, m2 = median_ranks(theta)
