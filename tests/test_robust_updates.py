@@ -47,6 +47,7 @@ def test_flatten_and_apply_roundtrip_keeps_non_float_buffers_from_global():
         (lambda s: s["0.weight"].__setitem__((0, 0), float("nan")), "0.weight contains NaN or Inf"),
         (lambda s: s["0.bias"].__setitem__(0, float("inf")), "0.bias contains NaN or Inf"),
         (lambda s: s["0.bias"].add_(1e4), "exceeds federation.max_update_norm=100"),
+        (lambda s: s["0.bias"].__setitem__(0, 3e38), "update norm inf exceeds"),  # finite, norm overflows
     ],
 )
 def test_validate_update_names_hospital_and_problem(mutate, needle):
