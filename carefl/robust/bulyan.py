@@ -7,7 +7,7 @@ from torch import Tensor
 
 from carefl.robust.base import AggResult, Rule
 from carefl.robust.krum import krum_selection
-from carefl.robust.linalg import sort_block, median_ranks, ordered_blocks
+from carefl.robust.linalg import median_ranks, ordered_blocks, sort_block
 
 
 class Bulyan(Rule):
@@ -23,13 +23,14 @@ class Bulyan(Rule):
     ``med = (s[m1] + s[m2]) / 2``: the beta values closest to ``med`` form a window
     ``s[a : a + beta]``. Sliding the window from a = j to j + 1 swaps ``s[j]`` out for
     ``s[j + beta]``; it brings a closer value in iff ``h_j: s[j] + s[j + beta] < s[m1] + s[m2]``
-    (for ``s[j] <= med <= s[j + beta]`` this is ``|s[j + beta] - med| < |s[j] - med|``; when both
-    lie on one side of ``med`` the two tests agree, or differ only by swapping equal values). ``s[j] + s[j + beta]`` grows with j, so the ``h_j``
-    are a prefix of Trues and the best start is ``a = #{j < 2f : h_j}``: row r is in the window iff
-    ``a <= r`` (i.e. ``r >= 2f`` or not ``h_r``) and ``r < a + beta`` (i.e. ``r < beta`` or
-    ``h_{r - beta}``). The sums are taken in float64, where a sum of two float32 values is
-    exact unless their exponents differ by more than 29 (no float32 near-ties).
-    Only the ranks these formulas read are computed (a selection network, not a full sort).
+    (for ``s[j] <= med <= s[j + beta]`` this is ``|s[j + beta] - med| < |s[j] - med|``; when
+    both lie on one side of ``med`` the two tests agree, or differ only by swapping equal
+    values). ``s[j] + s[j + beta]`` grows with j, so the ``h_j`` are a prefix of Trues and the
+    best start is ``a = #{j < 2f : h_j}``: row r is in the window iff ``a <= r`` (i.e.
+    ``r >= 2f`` or not ``h_r``) and ``r < a + beta`` (i.e. ``r < beta`` or ``h_{r - beta}``).
+    The sums are taken in float64, where a sum of two float32 values is exact unless their
+    exponents differ by more than 29 (no float32 near-ties). Only the ranks these formulas read
+    are computed (a selection network, not a full sort).
     """
 
     def __init__(self, f: int = 0):

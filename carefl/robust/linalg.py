@@ -38,15 +38,15 @@ def column_blocks(d: int, block: int) -> Iterator[slice]:
         yield slice(start, min(start + block, d))
 
 
-def _gram(x: Tensor, block: int, centre: bool) -> Tensor:
+def _gram(x: Tensor, width: int, centre: bool) -> Tensor:
     """Gram matrix ``(n, n)`` float64 of the rows of ``x`` ``(n, d)``: one float32 GEMM per
-    column block of at most ``block`` columns, blocks summed in float64. ``centre``: each
+    column block of at most ``width`` columns, blocks summed in float64. ``centre``: each
     block's rows are shifted by the block's column mean first (into a reused buffer)."""
     n, d = x.shape
     gram = torch.zeros(n, n, dtype=torch.float64)
     block_gram = torch.empty(n, n, dtype=x.dtype)
-    shifted = torch.empty(n, min(block, d), dtype=x.dtype) if centre else None
-    for cols in column_blocks(d, block):
+    shifted = torch.empty(n, min(width, d), dtype=x.dtype) if centre else None
+    for cols in column_blocks(d, width):
         block = x[:, cols]
         if shifted is not None:
             block = torch.sub(block, block.mean(dim=0), out=shifted[:, : cols.stop - cols.start])
@@ -79,12 +79,13 @@ _U32 = 2.0**-24
 def pairwise_sq_dists_bounded(x: Tensor) -> tuple[Tensor, Tensor]:
     """Squared L2 distances ``(n, n)`` float64 from the *uncentred* Gram (one pass fewer than
     :func:`pairwise_sq_dists`, about 25% faster), with a rigorous bound ``(n, n)`` on their
-    error: ``|dist_ij - D_ij| <= err_ij`` where ``D`` are the exact distances of the float32 rows.
+    error: ``|dist_ij - D_ij| <= err_ij``, ``D`` the exact distances of the float32 rows.
 
     Bound (Higham, *Accuracy and Stability of Numerical Algorithms*, 3.1): a float32 dot product
     of c terms, in any summation order, errs by at most ``gamma_c * sum_k |a_k b_k|`` with
-    ``gamma_c = c u / (1 - c u)``, ``u = 2^-24``. Per block c <= BOUNDED_BLOCK; summed over blocks,
-    ``sum_k |a_k b_k| <= ||a|| ||b||`` (Cauchy-Schwarz), and the float64 sums add < 1e-12 of that.
+    ``gamma_c = c u / (1 - c u)``, ``u = 2^-24``. Per block c <= BOUNDED_BLOCK; summed over
+    blocks, ``sum_k |a_k b_k| <= ||a|| ||b||`` (Cauchy-Schwarz), and the float64 sums add
+    < 1e-12 of that.
     ``D_ij = N_i + N_j - 2 G_ij`` (N: squared norms) then errs by at most
     ``gamma (sqrt N_i + sqrt N_j)^2``; the computed ``N`` is at least ``(1 - gamma) N``, and a
     1e-6 relative margin covers the float64 terms. Assumes IEEE float32 matmul (torch's
@@ -126,9 +127,9 @@ def ordered_blocks(
     smallest for ``k`` in ``splits``. Above ``NETWORK_MAX_N`` rows the block is fully sorted
     with ``torch.sort`` instead (which keeps both promises).
 
-    Blocks are ``sort_block(d)`` columns wide. The wires live in one ``(m + 1, sort_block(d))`` workspace reused for the next block: read them
-    before advancing. Comparators write with ``out=`` into the spare row and swap references,
-    so no memory is allocated per block.
+    Blocks are ``sort_block(d)`` columns wide. The wires live in one ``(m + 1, sort_block(d))``
+    workspace reused for the next block: read them before advancing. Comparators write with
+    ``out=`` into the spare row and swap references, so no memory is allocated per block.
     """
     d = x.shape[1]
     row_ids = list(range(x.shape[0])) if rows is None else rows.tolist()

@@ -35,7 +35,7 @@ def flatten_updates(local_states: Sequence[Mapping[str, Tensor]], global_state: 
         for k in keys:
             g = global_state[k]
             row = out[i, start : start + g.numel()].view(g.shape)
-            torch.sub(local[k].detach().float(), g.detach().float(), out=row)  # one pass; .float() is free for float32
+            torch.sub(local[k].detach().float(), g.detach().float(), out=row)  # one pass
             start += g.numel()
     return out
 
