@@ -24,20 +24,17 @@ def flatten_updates(local_states: Sequence[Mapping[str, Tensor]], global_state: 
     """float32 ``(n, d)``: row i = hospital i's ``local - global`` over :func:`float_keys`,
     each entry flattened, in state-dict order (d = number of float elements).
 
-    Written into one preallocated matrix (no list of per-hospital copies). States must have
-    been checked with :func:`carefl.robust.checks.validate_update` first.
+    Each hospital's entries are concatenated straight into its row of one preallocated matrix
+    (one op per hospital, not one per tensor), then the flattened global state is subtracted
+    from all rows at once. States must have been checked with
+    :func:`carefl.robust.checks.validate_update` first.
     """
     keys = float_keys(global_state)
-    d = sum(global_state[k].numel() for k in keys)
-    out = torch.empty(len(local_states), d, dtype=torch.float32)
+    flat_global = torch.cat([global_state[k].detach().reshape(-1).float() for k in keys])
+    out = torch.empty(len(local_states), flat_global.numel(), dtype=torch.float32)
     for i, local in enumerate(local_states):
-        start = 0
-        for k in keys:
-            g = global_state[k]
-            row = out[i, start : start + g.numel()].view(g.shape)
-            torch.sub(local[k].detach().float(), g.detach().float(), out=row)  # one pass
-            start += g.numel()
-    return out
+        torch.cat([local[k].detach().reshape(-1).float() for k in keys], out=out[i])
+    return out.sub_(flat_global)
 
 
 def apply_update(global_state: Mapping[str, Tensor], update_vec: Tensor) -> dict[str, Tensor]:
