@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from carefl.robust import krum, linalg
 from carefl.robust.bulyan import Bulyan
 from carefl.robust.centered_clip import CenteredClipping
 from carefl.robust.geomed import GeometricMedian
-from carefl.robust import krum
 from carefl.robust.krum import Krum, MultiKrum, krum_selection
-from carefl.robust import linalg
 from carefl.robust.linalg import dists_to, pairwise_sq_dists
 from carefl.robust.mean import WeightedMean
 from carefl.robust.median import CoordinateMedian
