@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from carefl.robust.base import AggResult, Rule
-from carefl.robust.linalg import sort_block, ordered_blocks
+from carefl.robust.linalg import ordered_blocks, sort_block
 
 
 def trim_count(n: int, f: int, beta: float | None) -> int:
