@@ -1,7 +1,7 @@
 """Speed of carefl.robust's rules vs Flower 1.41's own robust aggregation, same inputs.
 
 n random updates shaped like DenseNet121's float state dict (MONAI, 2-D, 1 channel in,
-2 out: 7,033,282 floats in 727 tensors, running statistics included), f Byzantine tolerated.
+2 out: 7,033,282 floats in 606 float tensors, running statistics included), f Byzantine tolerated.
 
 Flower side: the pure aggregation code of flwr.serverapp.strategy, called directly
 (the ``aggregate_train`` bodies minus Message handling and logging):

@@ -10,6 +10,7 @@ from carefl.robust import krum, linalg
 from carefl.robust.bulyan import Bulyan
 from carefl.robust.centered_clip import CenteredClipping
 from carefl.robust.geomed import GeometricMedian
+from carefl.robust.gram import gram
 from carefl.robust.krum import Krum, MultiKrum, krum_selection
 from carefl.robust.linalg import dists_to, pairwise_sq_dists
 from carefl.robust.mean import WeightedMean
@@ -111,6 +112,32 @@ def test_uncentred_distances_stay_within_their_error_bound(scale, offset, monkey
     gamma = c / (1 - c)
     norms = x.double().norm(dim=1)
     assert torch.allclose(err[1, 2], gamma * (norms[1] + norms[2]) ** 2, rtol=1e-4)  # the formula, not a constant
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gram_kernel_is_within_higham_bound_for_every_tile_shape(threads):
+    # n not a multiple of 4 leaves partial tiles; d around the block size leaves a short last
+    # block; 2 threads split the columns in two ranges of whole blocks
+    torch.manual_seed(0)
+    block = 64
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, d in itertools.product((1, 2, 3, 4, 5, 7, 8, 9, 21), (1, 63, 64, 65, 1000)):
+            x = torch.randn(n, d) * torch.logspace(-3, 3, n)[:, None]
+            g = gram(x, block)
+            exact = x.double() @ x.double().T  # products of float32 are exact in float64
+            c = min(block, d) * 2.0**-24
+            bound = c / (1 - c) * (x.double().abs() @ x.double().abs().T) * (1 + 1e-9)
+            assert g.dtype == torch.float64 and torch.equal(g, g.T)
+            assert ((g - exact).abs() <= bound).all(), (n, d)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_gram_kernel_refuses_anything_but_float32():
+    with pytest.raises(TypeError, match="float32"):
+        gram(torch.randn(3, 10, dtype=torch.float64), 8)
 
 
 def exact_krum_order(x, f):
