@@ -250,6 +250,19 @@ def test_unregistered_supernode_is_refused(stack, phases):
     assert "No SuperNode found with the given public key" in link_logs, _tail(link_logs, 40)
 
 
+def test_server_image_compiles_the_robust_kernel(stack):
+    """Krum's Gram kernel is JIT-compiled by numba at its first round: check that this works
+    in the server image, as its non-root user, against float64."""
+    script = (
+        "import torch; from carefl.robust.gram import gram; x = torch.randn(7, 300); "
+        "err = (gram(x, 64) - x.double() @ x.double().T).abs().max().item(); "
+        "assert err < 1e-3, err; print('gram ok', err)"
+    )
+    out = sh(["docker", "run", "--rm", "--entrypoint", "python", "carefl-server:latest", "-c", script],
+             env=stack["env"]).stdout
+    assert "gram ok" in out, out
+
+
 def test_images_hold_no_keys_data_or_build_leftovers(stack):
     """The project copy in the image is code + config only (.dockerignore allow-list)."""
     script = (
