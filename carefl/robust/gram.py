@@ -1,11 +1,11 @@
 """Gram matrix ``X X^T`` of a few long float32 rows: the one numeric kernel CareFL writes by hand.
 
 Krum, Multi-Krum and Bulyan need every pairwise distance between the hospitals' updates, that
-is the Gram matrix of the float32 ``(n, d)`` update matrix, with n ~ 20 and d ~ 10^7. No library
-on our machines has a fast kernel for that shape. Measured for 20 x 7.03M (DenseNet121) on the
+is the Gram matrix of the float32 ``(n, d)`` update matrix, with n ~ 20 and d ~ 10^7. None of
+our dependencies has a fast kernel for that shape. Measured for 20 x 7.03M (DenseNet121) on the
 2-core dev machine (AMD EPYC with AVX-512, BENCHMARKS.md), one thread:
 
-- ``torch.mm``: 0.10-0.11 s. MKL runs its generic AVX2 code on AMD CPUs.
+- ``torch.mm``: 0.10-0.11 s. MKL takes its generic, non-AVX-512 path on AMD CPUs.
 - numpy's OpenBLAS ``sgemm``: 0.08-0.09 s.
 - scipy's OpenBLAS ``ssyrk``: 0.17 s.
 - this kernel: 0.030 s. Two threads: 0.023 s; reading the 562 MB once takes 0.016 s.
@@ -38,7 +38,7 @@ _TILE = 4
 
 
 @njit(fastmath={"reassoc", "contract"}, nogil=True)
-def _tile(a0, a1, a2, a3, b0, b1, b2, b3, out):  # pragma: no cover - compiled
+def _tile(a0, a1, a2, a3, b0, b1, b2, b3, out):
     """``out[p, q] = sum_k a_p[k] b_q[k]`` in float32 (4 x 4), over equal-length rows. The loop
     runs from 0 over 1-D row slices that numba types as contiguous, so it drops its wrap-around
     check and vectorises the loop (an offset range or a 2-D column slice is 7-11x slower)."""
@@ -70,7 +70,7 @@ def _tile(a0, a1, a2, a3, b0, b1, b2, b3, out):  # pragma: no cover - compiled
 
 
 @njit(nogil=True)
-def _lower_gram(x, lo, hi, block):  # pragma: no cover - compiled
+def _lower_gram(x, lo, hi, block):
     """Lower triangle (diagonal included) of the Gram of ``x[:, lo:hi]``, ``x`` float32
     C-contiguous ``(n, d)``: ``(n, n)`` float64, zeros above the diagonal. Rows past the last
     full tile repeat row n - 1; their products are computed and dropped."""
