@@ -121,6 +121,7 @@ def _wait_for_nodes(grid: Grid, cfg: DictConfig) -> list[int]:
     """Wait (up to ``federation.round_timeout_s``) until every listed hospital is connected,
     or at least ``federation.min_hospitals`` when the time is up."""
     want, deadline = len(cfg.federation.hospitals), time.monotonic() + cfg.federation.round_timeout_s
+    hinted = False
     while True:
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= want or (time.monotonic() > deadline and len(nodes) >= cfg.federation.min_hospitals):
@@ -130,6 +131,14 @@ def _wait_for_nodes(grid: Grid, cfg: DictConfig) -> list[int]:
                 f"only {len(nodes)} SuperNode(s) connected after {cfg.federation.round_timeout_s:.0f} s; "
                 f"federation.min_hospitals={cfg.federation.min_hospitals}"
             )
+        if not hinted:
+            log.warning(
+                "federation.hospitals lists %d hospitals and %d SuperNode(s) are connected; waiting up to "
+                "federation.round_timeout_s=%.0f s for the rest. In simulation start one SuperNode per "
+                "hospital: flwr run . --federation-config \"num-supernodes=%d\"",
+                want, len(nodes), cfg.federation.round_timeout_s, want,
+            )
+            hinted = True
         log.info("waiting for hospitals: %d/%d SuperNodes connected", len(nodes), want)
         time.sleep(2.0)
 

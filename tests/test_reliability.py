@@ -18,7 +18,7 @@ from carefl.errors import CareFLError, CheckpointError, ConfigError
 from carefl.federation import Federation
 from carefl.models import build_model
 from conftest import BIN, TINY, Deployment, Processes, process_env, wait_until
-from server_app.app import main, prepare_run_dir
+from server_app.app import _wait_for_nodes, main, prepare_run_dir
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
@@ -135,6 +135,18 @@ def carefl_log():
         yield handler
     finally:
         logger.removeHandler(handler)
+
+
+def test_too_few_supernodes_names_the_flag_that_starts_more(carefl_log):
+    # a simulation with the default 3 SuperNodes and 5 hospitals listed: the server says how to
+    # start 5 instead of only counting, then fails once round_timeout_s is up
+    cfg = compose_config(["federation.hospitals=[a,b,c,d,e]", "federation.round_timeout_s=0.1",
+                          "federation.min_hospitals=4"])
+    grid = type("ThreeNodes", (), {"get_node_ids": lambda self: [1, 2, 3]})()
+    with pytest.raises(CareFLError, match="only 3 SuperNode"):
+        _wait_for_nodes(grid, cfg)
+    hints = [r for r in carefl_log.records if '--federation-config "num-supernodes=5"' in r.getMessage()]
+    assert len(hints) == 1 and hints[0].levelno == logging.WARNING
 
 
 def run_main(overrides: str):
