@@ -41,9 +41,7 @@ class Bulyan(Rule):
         theta = n - 2 * self.f
         beta = theta - 2 * self.f
         g = theta - beta  # = 2f possible window starts after 0
-        scores, chosen = krum_selection(updates, self.f, theta)
-        selected = torch.zeros(n, dtype=torch.bool)
-        selected[chosen] = True
+        scores, chosen, selected = krum_selection(updates, self.f, theta)
         m1, m2 = median_ranks(theta)
         edge = [r for r in range(theta) if r < g or r >= beta]  # rows whose inclusion varies
         width = sort_block(d)

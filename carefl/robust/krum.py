@@ -15,8 +15,17 @@ def _scores(dist: Tensor, k: int) -> Tensor:
     return dist.topk(k, dim=1, largest=False).values.sum(dim=1)
 
 
-def krum_selection(updates: Tensor, f: int, m: int) -> tuple[Tensor, Tensor]:
-    """Krum scores ``(n,)`` float64 and the indices ``(m,)`` of the m lowest (ties by index).
+def _lowest(scores: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """Indices ``(m,)`` of the m lowest scores (ties by index) and the same set as a mask ``(n,)``."""
+    chosen = torch.argsort(scores, stable=True)[:m]
+    selected = torch.zeros(scores.numel(), dtype=torch.bool)
+    selected[chosen] = True
+    return chosen, selected
+
+
+def krum_selection(updates: Tensor, f: int, m: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Krum scores ``(n,)`` float64, the indices ``(m,)`` of the m lowest (ties by index) and
+    the same set as a bool mask ``(n,)``.
 
     The score of update i is the sum of squared L2 distances to its ``k = n - f - 2`` nearest
     other updates; needs ``n > 2f + 2`` (checked by ``check_assumptions``; never clamped here).
@@ -34,14 +43,11 @@ def krum_selection(updates: Tensor, f: int, m: int) -> tuple[Tensor, Tensor]:
     k = n - f - 2
     dist, err = pairwise_sq_dists_bounded(updates)
     scores = _scores(dist, k)
-    chosen = torch.argsort(scores, stable=True)[:m]
-    if m < n:
-        inside = torch.zeros(n, dtype=torch.bool)
-        inside[chosen] = True
-        if not _scores(dist + err, k)[inside].max() < _scores(dist - err, k)[~inside].min():
-            scores = _scores(pairwise_sq_dists(updates), k)
-            chosen = torch.argsort(scores, stable=True)[:m]
-    return scores, chosen
+    chosen, selected = _lowest(scores, m)
+    if m < n and not _scores(dist + err, k)[selected].max() < _scores(dist - err, k)[~selected].min():
+        scores = _scores(pairwise_sq_dists(updates), k)
+        chosen, selected = _lowest(scores, m)
+    return scores, chosen, selected
 
 
 class MultiKrum(Rule):
@@ -58,9 +64,7 @@ class MultiKrum(Rule):
     def __call__(self, updates: Tensor, weights: Tensor) -> AggResult:
         n = updates.shape[0]
         m = n - self.f if self.m is None else self.m
-        scores, chosen = krum_selection(updates, self.f, m)
-        selected = torch.zeros(n, dtype=torch.bool)
-        selected[chosen] = True
+        scores, chosen, selected = krum_selection(updates, self.f, m)
         if m == 1:
             return AggResult(updates[chosen[0]].clone(), scores, selected)
         # a weight vector, not updates[chosen].mean(0): no (m, d) copy of the selected rows
