@@ -34,9 +34,11 @@ def validate_update(
             return f"hospital {hospital}: {k} has dtype {v.dtype}, expected {g.dtype}"
         if torch.is_floating_point(v):
             dist = torch.dist(v, g).item()  # one fused pass, no temporaries (6x the double copies)
-            if not math.isfinite(dist):  # NaN/Inf in v, or finite values so large the norm overflows
-                if not torch.isfinite(v).all():
-                    return f"hospital {hospital}: {k} contains NaN or Inf"
+            # a non-finite dist means NaN/Inf in v, or finite values whose norm overflows (the
+            # norm check below refuses those when federation.max_update_norm is set); only the
+            # first needs the full isfinite scan
+            if not math.isfinite(dist) and not torch.isfinite(v).all():
+                return f"hospital {hospital}: {k} contains NaN or Inf"
             sq_norm += dist * dist
     norm = sq_norm**0.5
     if max_update_norm is not None and not norm <= max_update_norm:

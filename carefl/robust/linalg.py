@@ -96,7 +96,7 @@ def pairwise_sq_dists_bounded(x: Tensor) -> tuple[Tensor, Tensor]:
     """
     gram = gram_matrix(x, BOUNDED_BLOCK)
     dist = _dists_from_gram(gram)
-    c = min(BOUNDED_BLOCK, x.shape[1]) + 1  # + 1: the rounding of the float32 block result
+    c = min(BOUNDED_BLOCK, x.shape[1]) + 1  # + 1: spare (the kernel sums each block in float32)
     gamma = c * _U32 / (1 - c * _U32)
     norms = (gram.diagonal().clamp_min(0.0) / (1 - gamma)).sqrt()
     err = (norms[:, None] + norms[None, :]).square_().mul_(gamma * (1 + 1e-6))
