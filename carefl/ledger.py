@@ -12,7 +12,13 @@ config_hash  str, :func:`hash_config` of the resolved config
 model_before str | null, :func:`hash_state_dict` of the global model before the entry's step
 model_after  str, :func:`hash_state_dict` of the global model after it (for ``end``: the
              model saved as ``model_final.pt``)
-hospitals    {hospital name: :class:`HospitalRecord`}; ``{}`` when no hospital took part
+hospitals    {hospital name: :class:`HospitalRecord`}; ``{}`` when no hospital took part.
+             A record: ``update_hash`` (str | null, :func:`hash_state_dict` of the state dict
+             the hospital sent; null if none arrived), ``norm`` (float | null, L2 norm of the
+             update), ``accepted`` (bool), ``reason`` (str | null, required when not
+             accepted), ``epsilon`` (float | null, the hospital's reported DP epsilon),
+             ``receipt`` (object | null, the hospital's signed receipt stored verbatim, see
+             :mod:`carefl.receipts`; null when it sent no valid one)
 prev_hash    str, the previous entry's ``hash``; :data:`GENESIS` (64 zeros) for entry 0
 hash         str, sha256 hex of the canonical JSON of the entry without ``hash``
 ============ ==========================================================================
@@ -22,6 +28,9 @@ inserting an entry breaks a ``hash`` or ``prev_hash``; :func:`verify_run` also c
 ``model_final.pt`` is the model the last entry recorded. A hash chain cannot stop someone
 from rewriting the *whole* file consistently: keep the head hash (printed in the run's logs
 and stored in every checkpoint as ``ledger_head``) somewhere the writer does not control.
+The hospitals do: ``carefl-verify RUN_DIR --receipts LOG ...`` (:func:`verify_receipts`)
+checks the ledger against each hospital's signed receipts (:mod:`carefl.receipts`, which
+states what that guarantees and what it does not).
 """
 
 from __future__ import annotations
@@ -58,11 +67,12 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 class HospitalRecord(TypedDict):
     """What the ledger records about one hospital in one round."""
 
-    update_hash: str | None  # hash_state_dict of the update received; null if none arrived
+    update_hash: str | None  # hash_state_dict of the state dict the hospital sent; null if none arrived
     norm: float | None  # L2 norm of the update (weights' units); null if none or not finite
     accepted: bool  # whether the update entered the aggregate
     reason: str | None  # why it was left out (required when accepted is false)
     epsilon: float | None  # the hospital's reported DP epsilon so far; null without DP
+    receipt: dict | None  # the hospital's signed receipt (carefl.receipts), verbatim; null if none valid
 
 
 class LedgerError(CareFLError):
@@ -141,7 +151,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _record_problem(name: str, rec: Any) -> str | None:
+def _record_problem(name: str, rec: Any, round: int) -> str | None:
+    from carefl.receipts import receipt_problem  # here, not at the top: carefl.receipts imports this module
+
     if not isinstance(rec, dict) or set(rec) != set(HospitalRecord.__annotations__):
         return f"hospital {name!r}: record must have exactly the keys {sorted(HospitalRecord.__annotations__)}"
     checks = {
@@ -156,6 +168,11 @@ def _record_problem(name: str, rec: Any) -> str | None:
         return f"hospital {name!r}: bad {bad} (see HospitalRecord)"
     if not rec["accepted"] and not rec["reason"]:
         return f"hospital {name!r}: a rejected update needs a reason"
+    receipt = rec["receipt"]
+    if receipt is not None and (problem := receipt_problem(receipt)):
+        return f"hospital {name!r}: receipt: {problem}"
+    if receipt is not None and (receipt["hospital"], receipt["round"]) != (name, round):
+        return f"hospital {name!r}: holds the receipt of {receipt['hospital']!r} for round {receipt['round']}"
     return None
 
 
@@ -180,7 +197,8 @@ def _schema_problem(entry: Any) -> str | None:
     bad = [key for key, ok in checks.items() if not ok]
     if bad:
         return f"bad value for {bad}"
-    return next((p for name, rec in entry["hospitals"].items() if (p := _record_problem(name, rec))), None)
+    hospitals = entry["hospitals"].items()
+    return next((p for name, rec in hospitals if (p := _record_problem(name, rec, entry["round"]))), None)
 
 
 def _order_problem(index: int, kind: str, prev_kind: str | None) -> str | None:
@@ -206,7 +224,7 @@ def _read_chain(path: Path) -> tuple[list[dict], int, int | None, str]:
             return entries, len(lines), i, "the last line is cut off (no newline at the end): truncated"
         try:
             entry = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (ValueError, RecursionError) as err:  # not UTF-8 or not JSON (or absurdly deep / long)
             return entries, len(lines), i, f"not valid JSON ({err}): the line was truncated or edited"
         problem = _schema_problem(entry)
         if problem is None and entry["hash"] != entry_hash(entry):
@@ -327,6 +345,16 @@ class Ledger:
         return entry
 
 
+def _ledger_path(run_dir: Path) -> Path:
+    """``run_dir/ledger.jsonl``; LedgerError if there is none (nothing to verify)."""
+    if not run_dir.is_dir():
+        raise LedgerError(f"run directory {run_dir} not found; pass a run directory such as outputs/<run-id>")
+    path = run_dir / LEDGER_FILE
+    if not path.is_file():
+        raise LedgerError(f"{path} not found: {run_dir} is not a CareFL run directory, or its run never started")
+    return path
+
+
 def verify_run(run_dir: str | os.PathLike) -> VerifyResult:
     """Check ``run_dir/ledger.jsonl``'s chain and that ``run_dir/model_final.pt`` (a
     ``torch.save``'d state dict) hashes to the last entry's ``model_after``.
@@ -335,12 +363,7 @@ def verify_run(run_dir: str | os.PathLike) -> VerifyResult:
         LedgerError: ``run_dir`` or its ledger does not exist (nothing to verify).
     """
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise LedgerError(f"run directory {run_dir} not found; pass a run directory such as outputs/<run-id>")
-    path = run_dir / LEDGER_FILE
-    if not path.is_file():
-        raise LedgerError(f"{path} not found: {run_dir} is not a CareFL run directory, or its run never started")
-    entries, n, bad, reason = _read_chain(path)
+    entries, n, bad, reason = _read_chain(_ledger_path(run_dir))
     if bad is not None:
         return VerifyResult(False, n, bad, reason)
     if n == 0:
@@ -365,21 +388,118 @@ def verify_run(run_dir: str | os.PathLike) -> VerifyResult:
     return VerifyResult(True, n, None, f"chain intact, {MODEL_FILE} matches entry {n - 1}")
 
 
+def verify_receipts(run_dir: str | os.PathLike, logs: Sequence[str | os.PathLike]) -> list[str]:
+    """Check ``run_dir/ledger.jsonl`` against hospitals' receipt logs (``receipts.jsonl`` files,
+    see :mod:`carefl.receipts` for what this guarantees and what it cannot).
+
+    The run is identified by the hash of ledger entry 0; each log's receipts with another
+    ``run_id`` belong to other runs and are skipped. For each receipt of this run (hospital H,
+    round r), in log order:
+
+    * a ``round`` entry with round r must hold it, exactly, as ``hospitals[H]["receipt"]``;
+    * the entries holding H's receipts must come in the order H signed them;
+    * the server-signed ``ledger_head`` it carries (entry i has hash h) must match entry i.
+
+    Besides, the log's chain and every receipt's signature must be intact (checked on opening
+    the log), and the ledger must hold no receipt for H signed by a key H never used.
+
+    Returns:
+        One line per problem, naming the hospital and the round; empty when the ledger and
+        every log agree. The ledger's own chain is checked too: past a break, only the entries
+        before it are used.
+
+    Raises:
+        LedgerError: ``run_dir`` has no ledger, or a log cannot be read (nothing to verify).
+    """
+    from carefl.receipts import ReceiptError, ReceiptLog  # not at the top: carefl.receipts imports this module
+
+    entries, _, bad, reason = _read_chain(_ledger_path(Path(run_dir)))
+    problems = []
+    if bad is not None:
+        problems.append(f"ledger entry {bad}: {reason}; receipts are checked against the {bad} entries before it")
+    receipts: dict[Path, list[dict]] = {}
+    for log in map(Path, logs):
+        if not log.is_file():
+            raise LedgerError(f"receipt log {log} not found: pass a hospital's receipts.jsonl (in its state directory)")
+        try:
+            receipts[log] = ReceiptLog(log).receipts()
+        except ReceiptError as err:
+            problems.append(str(err))
+        except OSError as err:
+            raise LedgerError(f"receipt log {log} cannot be read ({err.strerror}): pass a readable file") from err
+    if not entries:
+        return problems + ["the ledger has no intact start entry: there is no run to check receipts against"]
+    for log, log_receipts in receipts.items():
+        problems += _log_problems(entries, log, log_receipts)
+    return problems
+
+
+def _log_problems(entries: list[dict], log: Path, receipts: list[dict]) -> list[str]:
+    """:func:`verify_receipts`' checks of one intact log against the intact ledger ``entries``."""
+    run_id = entries[0]["hash"]
+    mine = [r for r in receipts if r["run_id"] == run_id]
+    if not mine:
+        others = sorted({r["run_id"][:12] + "..." for r in receipts})
+        return [f"{log} holds no receipt of this run (run_id {run_id[:12]}..., the hash of ledger entry 0; the log has "
+                f"runs {others}): the hospital did not take part, or the ledger's start entry was rewritten"]
+    rounds: dict[int, list[int]] = {}
+    for entry in entries:
+        if entry["kind"] == "round":
+            rounds.setdefault(entry["round"], []).append(entry["index"])
+    problems = []
+    last = None  # (ledger index, round) of the previous receipt of the log found in the ledger
+    for rec in mine:
+        who = f"round {rec['round']}: {rec['hospital']}'s"
+        head = rec["ledger_head"]
+        if head is not None and (head["index"] >= len(entries) or entries[head["index"]]["hash"] != head["hash"]):
+            i = head["index"]
+            what = (f"the ledger has only {len(entries)} intact entries: entries were removed" if i >= len(entries)
+                    else f"the ledger's entry {i} is different: the ledger was rewritten")
+            problems.append(f"{who} receipt holds the server-signed head index {i} = {head['hash'][:12]}..., "
+                            f"but {what}")
+        found = [i for i in rounds.get(rec["round"], [])
+                 if entries[i]["hospitals"].get(rec["hospital"], {}).get("receipt") == rec]
+        later = [i for i in found if last is None or i > last[0]]
+        if not found:
+            problems.append(f"{who} signed receipt is missing from the ledger (dropped or altered)")
+        elif not later:
+            problems.append(f"{who} receipt is in ledger entry {found[0]}, before entry {last[0]} holding its receipt "
+                            f"of round {last[1]}, which it signed earlier: entries were reordered")
+        else:
+            last = (later[0], rec["round"])
+    keys = {r["public_key"] for r in mine}
+    for name in sorted({r["hospital"] for r in mine}):
+        for entry in entries:
+            stored = entry["hospitals"].get(name, {}).get("receipt")
+            if stored is not None and stored["public_key"] not in keys:
+                problems.append(f"round {entry['round']}: the ledger holds a receipt for {name} signed by a key "
+                                f"{name} never used: forged")
+    return problems
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``carefl-verify <run_dir>``: exit 0 intact, 1 tampered / incomplete, 2 nothing to verify."""
+    """``carefl-verify <run_dir> [--receipts LOG ...]``: exit 0 intact (and consistent with every
+    receipt log), 1 tampered / incomplete / inconsistent, 2 nothing to verify."""
     parser = argparse.ArgumentParser(prog="carefl-verify", description="Verify a CareFL run's audit ledger.")
     parser.add_argument("run_dir", help="a run directory, e.g. outputs/<run-id>")
+    parser.add_argument("--receipts", nargs="+", default=[], metavar="LOG",
+                        help="hospitals' receipt logs (receipts.jsonl in each hospital's state directory) to check "
+                        "the ledger against")
     args = parser.parse_args(argv)
     try:
         result = verify_run(args.run_dir)
+        problems = verify_receipts(args.run_dir, args.receipts) if args.receipts else []
     except LedgerError as err:
         print(f"ERROR: {err}", file=sys.stderr)
         return 2
     if result.ok:
         print(f"OK: {result.entries} entries, {result.reason}")
-        return 0
-    if result.first_bad is None:
+    elif result.first_bad is None:
         print(f"INCOMPLETE: {result.reason}")
     else:
         print(f"TAMPERED: entry {result.first_bad}: {result.reason}")
-    return 1
+    for problem in problems:
+        print(f"TAMPERED: {problem}")
+    if args.receipts and not problems:
+        print(f"OK: the ledger agrees with the {len(args.receipts)} receipt log(s)")
+    return 0 if result.ok and not problems else 1

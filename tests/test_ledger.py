@@ -29,8 +29,10 @@ def model_state(step: int) -> dict:
 
 def hospitals(round: int) -> dict:
     return {
-        "st-mary": {"update_hash": "a" * 64, "norm": 1.5 + round, "accepted": True, "reason": None, "epsilon": 0.5},
-        "riverside": {"update_hash": "b" * 64, "norm": 90.0, "accepted": False, "reason": "norm > 10", "epsilon": None},
+        "st-mary": {"update_hash": "a" * 64, "norm": 1.5 + round, "accepted": True, "reason": None, "epsilon": 0.5,
+                    "receipt": None},
+        "riverside": {"update_hash": "b" * 64, "norm": 90.0, "accepted": False, "reason": "norm > 10", "epsilon": None,
+                      "receipt": None},
     }
 
 
@@ -328,7 +330,8 @@ def test_append_rejects_bad_entries_without_writing(tmp_path):
         ledger.append("start", round=0, config_hash=h)
     assert not (tmp_path / "ledger.jsonl").exists()
     ledger.append("start", round=0, config_hash=h, model_after=h)
-    no_reason = {"x": {"update_hash": None, "norm": None, "accepted": False, "reason": None, "epsilon": None}}
+    no_reason = {"x": {"update_hash": None, "norm": None, "accepted": False, "reason": None, "epsilon": None,
+                       "receipt": None}}
     with pytest.raises(ValueError, match="needs a reason"):
         ledger.append("round", round=1, config_hash=h, model_after=h, hospitals=no_reason)
     with pytest.raises(ValueError, match="exactly the keys"):
@@ -343,8 +346,10 @@ def test_append_stores_tensor_norms_and_non_finite_as_null(tmp_path):
     h = hash_config(CFG)
     ledger.append("start", round=0, config_hash=h, model_after=h)
     recs = {
-        "a": {"update_hash": None, "norm": torch.tensor(2.5), "accepted": True, "reason": None, "epsilon": 1.0},
-        "b": {"update_hash": None, "norm": float("nan"), "accepted": False, "reason": "non-finite", "epsilon": None},
+        "a": {"update_hash": None, "norm": torch.tensor(2.5), "accepted": True, "reason": None, "epsilon": 1.0,
+              "receipt": None},
+        "b": {"update_hash": None, "norm": float("nan"), "accepted": False, "reason": "non-finite", "epsilon": None,
+              "receipt": None},
     }
     entry = ledger.append("round", round=1, config_hash=h, model_after=h, hospitals=recs)
     assert entry["hospitals"]["a"]["norm"] == 2.5 and entry["hospitals"]["b"]["norm"] is None
