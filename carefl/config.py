@@ -8,12 +8,16 @@ it once here, and sends hospitals the resolved tree as JSON. Hospitals never rea
 from __future__ import annotations
 
 import json
+import math
+import re
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from carefl.errors import ConfigError
@@ -27,8 +31,17 @@ def compose_config(overrides: str | list[str] = "", conf_dir: Path = CONF_DIR) -
 
     ``overrides`` is a list of Hydra override strings or one space-separated string
     (shell quoting allowed). Unknown groups/keys and bad values raise one ``ConfigError``.
+    An override may not contain an interpolation (``${...}``): a resolver such as
+    ``${oc.env:HOME}`` would read the server's environment into the run's config (and
+    into the request every hospital receives), so only literal values come in from outside.
     """
     items = shlex.split(overrides) if isinstance(overrides, str) else list(overrides)
+    for item in items:
+        _require(
+            "${" not in str(item),
+            f"override {str(item)!r} contains an interpolation (${{...}}); overrides take literal "
+            "values only, e.g. run_id=my-run privacy.target_delta=1e-5",
+        )
     if not (conf_dir / "config.yaml").is_file():
         raise ConfigError(f"Hydra config not found at {conf_dir}/config.yaml; run from a CareFL checkout")
     try:
@@ -49,32 +62,316 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check values the code cannot work with; each failure names the key and the fix."""
-    fed = cfg.federation
-    n = len(fed.hospitals)
-    _require(n >= 1, "federation.hospitals is empty; list at least one hospital name")
-    _require(len(set(fed.hospitals)) == n, f"federation.hospitals has duplicate names: {list(fed.hospitals)}")
-    _require(fed.rounds >= 1, f"federation.rounds={fed.rounds} must be >= 1")
-    _require(fed.local_epochs >= 1, f"federation.local_epochs={fed.local_epochs} must be >= 1")
-    _require(fed.batch_size >= 1, f"federation.batch_size={fed.batch_size} must be >= 1")
+#: a name that becomes a file or directory name (hospital state dirs, ledger keys, run dirs):
+#: no path separator, no leading dot (so neither "." nor ".."), no "$"
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SAFE_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 64 characters"
+
+#: federation.optimizer values carefl.training.make_optimizer builds (it has no public tuple)
+_OPTIMIZERS = ("adam", "sgd")
+
+_ABSENT = object()
+
+
+def _show(value: Any) -> str:
+    """A value as an override writes it (null, true, 'abc', [2, 2]), cut to 80 characters."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    text = repr(OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    value = OmegaConf.select(cfg, key, default=_ABSENT)
+    _require(value is not _ABSENT, f"{key} is missing from the config; add it (conf/ lists every key with its default)")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(cfg: DictConfig, key: str, low: int, high: int, example: int) -> int:
+    value = _get(cfg, key)
     _require(
-        1 <= fed.min_hospitals <= n,
-        f"federation.min_hospitals={fed.min_hospitals} must be between 1 and the {n} hospitals listed",
+        _is_int(value) and low <= value <= high,
+        f"{key}={_show(value)} must be a whole number from {low} to {high}, e.g. {key}={example}",
     )
-    _require(fed.torch_threads >= 1, f"federation.torch_threads={fed.torch_threads} must be >= 1")
-    _require(fed.round_timeout_s > 0, f"federation.round_timeout_s={fed.round_timeout_s} must be > 0")
-    priv = cfg.privacy
-    if priv.enabled:
-        if priv.noise_multiplier is None:
-            _require(
-                priv.target_epsilon is not None and priv.target_epsilon > 0,
-                f"privacy.target_epsilon={priv.target_epsilon} must be > 0 (or set privacy.noise_multiplier)",
+    return value
+
+
+def _number(
+    cfg: DictConfig, key: str, low: float, high: float | None, example: float, *,
+    low_open: bool = True, high_open: bool = False, nullable: bool = False,
+) -> float | None:
+    """A finite number in the interval from ``low`` to ``high`` (None: no upper bound)."""
+    value = _get(cfg, key)
+    if value is None and nullable:
+        return None
+    ok = _is_number(value) and (value > low if low_open else value >= low)
+    if high is not None:
+        ok = ok and (value < high if high_open else value <= high)
+    rule = f"{'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        rule += f" and {'<' if high_open else '<='} {high:g}"
+    _require(ok, f"{key}={_show(value)} must be {rule} (a finite number), e.g. {key}={example:g}")
+    return value
+
+
+def _flag(cfg: DictConfig, key: str) -> bool:
+    value = _get(cfg, key)
+    _require(isinstance(value, bool), f"{key}={_show(value)} must be true or false")
+    return value
+
+
+def _choice(cfg: DictConfig, key: str, choices: Sequence[str]) -> str:
+    value = _get(cfg, key)
+    _require(
+        isinstance(value, str) and value in choices,
+        f"{key}={_show(value)} is unknown; choose one of {list(choices)}, e.g. {key}={choices[0]}",
+    )
+    return value
+
+
+def _safe_name(value: Any, key: str, example: str) -> None:
+    _require(
+        isinstance(value, str) and SAFE_NAME.fullmatch(value) is not None,
+        f"{key}={_show(value)} is not a safe name; use {_SAFE_RULE}, e.g. {key}={example}",
+    )
+
+
+def _integers(cfg: DictConfig, key: str, low: int, high: int, example: str) -> list[int]:
+    """A non-empty list of whole numbers in [low, high] (at most 16 of them)."""
+    value = _get(cfg, key)
+    items = list(value) if isinstance(value, (ListConfig, list, tuple)) else None
+    _require(
+        items is not None and 1 <= len(items) <= 16 and all(_is_int(v) and low <= v <= high for v in items),
+        f"{key}={_show(value)} must be a list of whole numbers from {low} to {high}, e.g. {key}={example}",
+    )
+    return items
+
+
+def _no_interpolation(cfg: DictConfig) -> None:
+    """No value outside ``hydra:`` may be an interpolation: reading it would run a resolver
+    (``${oc.env:...}`` reads the environment) whose result would then travel in messages and
+    run directories. The error names the key only, never the value."""
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if not (path == "" and k == "hydra"):  # Hydra's own bookkeeping (run dirs)
+                    walk(v, f"{path}{k}.")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}{i}.")
+        elif isinstance(node, str) and "${" in node:
+            raise ConfigError(
+                f"{path[:-1]} is an interpolation (${{...}}); CareFL takes literal values only, "
+                "write the value itself"
             )
-        else:
-            _require(priv.noise_multiplier > 0, f"privacy.noise_multiplier={priv.noise_multiplier} must be > 0")
-        _require(0 < priv.target_delta < 1, f"privacy.target_delta={priv.target_delta} must be in (0, 1)")
-        _require(priv.max_grad_norm > 0, f"privacy.max_grad_norm={priv.max_grad_norm} must be > 0")
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+
+
+def _check_federation(cfg: DictConfig) -> int:
+    """``federation.*`` (not ``max_update_norm*``, ``site_policies``, ``hospital_keys``); returns n."""
+    hospitals = _get(cfg, "federation.hospitals")
+    _require(
+        isinstance(hospitals, (ListConfig, list, tuple)),
+        f"federation.hospitals={_show(hospitals)} must be a list of hospital names, e.g. [st-mary,riverside]",
+    )
+    n = len(hospitals)
+    _require(n >= 1, "federation.hospitals is empty; list at least one hospital name")
+    for name in hospitals:  # each names a state directory and the hospital's ledger entries
+        _require(
+            isinstance(name, str) and SAFE_NAME.fullmatch(name) is not None,
+            f"federation.hospitals has {_show(name)}, not a safe name (it names the hospital's state "
+            f"directory and ledger entries); use {_SAFE_RULE}, e.g. st-mary",
+        )
+    _require(len(set(hospitals)) == n, f"federation.hospitals has duplicate names: {list(hospitals)}")
+    _integer(cfg, "federation.rounds", 1, 10_000, 6)
+    _integer(cfg, "federation.local_epochs", 1, 1000, 1)
+    _integer(cfg, "federation.batch_size", 1, 4096, 32)
+    _choice(cfg, "federation.optimizer", _OPTIMIZERS)
+    _number(cfg, "federation.lr", 0, 1000, 0.005)
+    min_hospitals = _get(cfg, "federation.min_hospitals")
+    _require(
+        _is_int(min_hospitals) and 1 <= min_hospitals <= n,
+        f"federation.min_hospitals={_show(min_hospitals)} must be between 1 and the {n} hospitals listed",
+    )
+    _number(cfg, "federation.round_timeout_s", 0, None, 600)
+    _flag(cfg, "federation.baselines")
+    _integer(cfg, "federation.torch_threads", 1, 256, 1)
+    return n
+
+
+def _check_privacy(cfg: DictConfig) -> None:
+    if not _flag(cfg, "privacy.enabled"):
+        return
+    from carefl.privacy import ACCOUNTANTS, GRAD_SAMPLE_MODES  # local: imports Opacus
+
+    epsilon = _number(cfg, "privacy.target_epsilon", 0, 1e6, 8.0, nullable=True)
+    sigma = _number(cfg, "privacy.noise_multiplier", 0, 1e6, 1.0, nullable=True)
+    _require(
+        epsilon is not None or sigma is not None,
+        "privacy.target_epsilon=null must be > 0 (noise is calibrated to reach it) or set "
+        "privacy.noise_multiplier, e.g. privacy.target_epsilon=8",
+    )
+    _number(cfg, "privacy.target_delta", 0, 1, 1e-5, high_open=True)
+    _number(cfg, "privacy.max_grad_norm", 0, 1e6, 0.1)
+    _choice(cfg, "privacy.accountant", ACCOUNTANTS)
+    _flag(cfg, "privacy.secure_mode")
+    if "grad_sample_mode" in cfg.privacy:  # runs saved before it existed train with hooks
+        _choice(cfg, "privacy.grad_sample_mode", GRAD_SAMPLE_MODES)
+
+
+def _check_task_and_model(cfg: DictConfig) -> tuple[int, int]:
+    """``task.*`` and ``model.*``; returns the input side (multiple, minimum) the net needs."""
+    from carefl.models import _NETS  # the net registry: name -> task kind, builder
+    from carefl.tasks import METRICS, SEGMENTATION, build_loss
+
+    _safe_name(_get(cfg, "task.name"), "task.name", "seg2d")
+    kind = _choice(cfg, "task.kind", tuple(METRICS))
+    _integer(cfg, "task.spatial_dims", 2, 3, 2)
+    _integer(cfg, "task.in_channels", 1, 64, 1)
+    if kind == SEGMENTATION:  # binary: one foreground logit map, sigmoid losses and Dice
+        classes = _get(cfg, "task.num_classes")
+        _require(
+            _is_int(classes) and classes == 1,
+            f"task.num_classes={_show(classes)}: segmentation predicts one foreground logit; set task.num_classes=1",
+        )
+    else:  # classification: one logit per class, cross-entropy, AUC
+        _integer(cfg, "task.num_classes", 2, 1000, 2)
+    build_loss(cfg.task)  # names task.loss when it does not fit task.kind; builds no network
+
+    name = _get(cfg, "model.name")
+    _require(
+        isinstance(name, str) and name in _NETS,
+        f"model.name={_show(name)} is unknown; choose model= one of {sorted(_NETS)}",
+    )
+    if _NETS[name].kind != kind:
+        valid = sorted(n for n, net in _NETS.items() if net.kind == kind)
+        raise ConfigError(
+            f"model={name} builds a {_NETS[name].kind} net but task={cfg.task.name} is {kind}; "
+            f"choose model= one of {valid}"
+        )
+    _integer(cfg, "model.norm_groups", 1, 512, 8)
+    return _input_side(cfg, name)
+
+
+def _input_side(cfg: DictConfig, name: str) -> tuple[int, int]:
+    """Check the net's own keys; return (multiple, minimum) for every spatial side of its input.
+
+    Found by building each net (carefl.models.build_model, default conf/model files and other
+    strides) and running a forward pass over every side 1..69 (2D) and 1..39 (3D):
+
+    - unet: a multiple of the product of ``model.strides``, at least that product (strides
+      [2, 2]: 4, 8, 12, ...; [2, 3]: 12, 18, ...). Each stride-s convolution rounds its side up
+      and the transposed one multiplies it by s, so any other side fails at the skip
+      concatenation ("Sizes of tensors must match").
+    - basicunet: any side >= 16. It max-pools 4 times by 2 and pads the up-sampled map to its
+      skip, so 17 works too; below 16 a pool reaches a side of 0.
+    - densenet121: any side >= 29. The stride-2 stem and the stride-2 max-pool give
+      ceil(side / 4), which 3 transitions halve (rounding down) and must keep >= 1.
+    - classifier: any side (stride-s convolutions round up, the head pools adaptively).
+    """
+    if name == "unet":
+        channels = _integers(cfg, "model.channels", 1, 4096, "[16,32,64]")
+        strides = _integers(cfg, "model.strides", 1, 8, "[2,2]")
+        _require(
+            len(channels) >= 2 and len(strides) == len(channels) - 1,
+            f"model.strides={strides} and model.channels={channels}: UNet needs at least 2 channels "
+            "and one stride fewer than channels, e.g. model.channels=[16,32,64] model.strides=[2,2]",
+        )
+        _integer(cfg, "model.num_res_units", 0, 16, 1)
+        return math.prod(strides), math.prod(strides)
+    if name == "classifier":
+        channels = _integers(cfg, "model.channels", 1, 4096, "[8,16,32]")
+        strides = _integers(cfg, "model.strides", 1, 8, "[2,2,2]")
+        _require(
+            len(strides) == len(channels),
+            f"model.strides={strides} and model.channels={channels}: the classifier needs one stride "
+            "per channel width, e.g. model.channels=[8,16,32] model.strides=[2,2,2]",
+        )
+        _integer(cfg, "model.num_res_units", 0, 16, 1)
+        return 1, 1
+    if name == "basicunet":
+        features = _integers(cfg, "model.features", 1, 4096, "[8,8,16,32,64,8]")
+        _require(
+            len(features) == 6,
+            f"model.features={features} must list 6 widths (BasicUNet's 5 levels and its last "
+            "up-sampling block), e.g. model.features=[8,8,16,32,64,8]",
+        )
+        return 1, 16
+    if name == "densenet121":
+        return 1, 29
+    return 1, 1  # a net without a rule here: a bad input size fails when the net first runs
+
+
+def _check_data(cfg: DictConfig, side: tuple[int, int]) -> None:
+    """``data.*``: the keys each data source has (conf/data/*.yaml); input sizes against the net."""
+    data = cfg.data
+    _safe_name(_get(cfg, "data.name"), "data.name", "synthetic")
+    dims = cfg.task.spatial_dims
+    for key, high, example in (("image_size", 1024, 48), ("image_size_3d", 256, 32)):
+        if key in data:
+            _integer(cfg, f"data.{key}", 8, high, example)
+    for key in ("n_train", "n_test"):
+        if key in data:
+            _integer(cfg, f"data.{key}", 1, 100_000, 300 if key == "n_train" else 32)
+    if "test_fraction" in data:
+        _number(cfg, "data.test_fraction", 0, 1, 0.25, high_open=True)
+    if "spatial_size" in data:  # decathlon: every image is resized to it
+        sizes = _integers(cfg, "data.spatial_size", 8, 1024, "[64,64]")
+        _require(
+            len(sizes) == dims,
+            f"data.spatial_size={sizes} has {len(sizes)} values but task.spatial_dims={dims}; "
+            f"give one size per spatial dimension, e.g. data.spatial_size={[64] * dims}",
+        )
+        sides = {"data.spatial_size": sizes}
+    elif f"image_size{'_3d' if dims == 3 else ''}" in data:  # synthetic: square / cubic images
+        key = f"data.image_size{'_3d' if dims == 3 else ''}"
+        sides = {key: [_get(cfg, key)]}
+    else:  # medmnist: the size is the file's, known only on the hospital
+        return
+    multiple, minimum = side
+    for key, values in sides.items():
+        if any(v % multiple or v < minimum for v in values):
+            fits = [max(minimum, multiple * round(v / multiple)) for v in values]
+            rule = f"a multiple of {multiple} (the product of model.strides)" if multiple > 1 else f"at least {minimum}"
+            shown = values if key == "data.spatial_size" else values[0]
+            fit = "[" + ",".join(map(str, fits)) + "]" if key == "data.spatial_size" else fits[0]
+            raise ConfigError(
+                f"{key}={_show(shown)} does not fit model={cfg.model.name}: every side must be {rule}, "
+                f"e.g. {key}={fit}"
+            )
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every value a run reads before anything is written; each failure is one line
+    naming the key, the bad value and the fix.
+
+    Called on the composed config (:func:`compose_config`), on a resumed run's saved
+    ``config.yaml`` and by ``carefl-sim``. Types are checked too: a Hydra override
+    ``federation.rounds=abc`` or ``=2.5`` is refused here, not deep inside a round. Fast: no
+    network is built (the input-size rule per net is arithmetic, see :func:`_input_side`).
+    ``federation.max_update_norm*``, ``federation.site_policies`` and
+    ``federation.hospital_keys`` are left to the code that reads them.
+    """
+    _no_interpolation(cfg)  # first: reading an interpolated value would run its resolver
+    _integer(cfg, "seed", 0, 2**31 - 1, 0)
+    run_id = _get(cfg, "run_id")
+    if run_id is not None:  # names the run directory <output_dir>/<run_id>
+        _safe_name(str(run_id) if _is_int(run_id) else run_id, "run_id", "my-run")
+    n = _check_federation(cfg)
+    _check_privacy(cfg)
+    side = _check_task_and_model(cfg)
+    _check_data(cfg, side)
+    _number(cfg, "strategy.prox_mu", 0, 1e6, 0.01, low_open=False)
     from carefl.robust import check_assumptions  # local: robust imports torch-heavy code
 
     check_assumptions(cfg.strategy, n)
