@@ -7,9 +7,9 @@
 Three ways to run the same federation (config composed from conf/ at run time, baselines off),
 each in a fresh process with one torch/BLAS thread per worker (``OMP_NUM_THREADS=1``):
 
-- ``bare``: one process calls ``carefl.hospital.train_round`` / ``evaluate_round`` for every
-  hospital in turn and ``carefl.federation.Federation`` for aggregation, evaluation records and
-  checkpoints -- no Flower, no Ray, no messages;
+- ``bare``: the one round loop (``carefl.rounds.run_federation``) over the in-process
+  transport (``carefl.local_transport``): hospitals are called one after another in this
+  process -- same request/reply checks and receipts, no Flower, no Ray, no messages;
 - ``flower-1w``: ``carefl-sim``'s code path (``server_app.simulate.simulate``) with one Ray
   worker (``num_cpus`` per hospital = all cores), so hospitals train one after another like
   the bare loop: the difference is the framework's cost;
@@ -68,35 +68,14 @@ def run_flower(cfg, cpus_per_hospital: float, run_dir: Path) -> list[dict]:
 
 
 def run_bare(cfg, run_dir: Path) -> list[dict]:
-    """The same rounds as ``server_app.app.run_federation`` with direct calls instead of messages."""
-    from carefl.federation import Federation
-    from carefl.hospital import evaluate_round, identify, train_round
-    from carefl.models import build_model
+    """The same round loop as the ServerApp over the in-process transport; per-round records
+    from metrics.json."""
+    from carefl.local_transport import LocalTransport
+    from carefl.rounds import run_federation
 
-    run_dir.mkdir(parents=True)
-    names = list(cfg.federation.hospitals)
-    hospitals = [identify(cfg, {"partition-id": i, "num-partitions": len(names)}, str(run_dir)) for i in range(len(names))]
-    fed = Federation(cfg, run_dir, build_model(cfg).state_dict())
-    rounds = []
-    for server_round in range(1, cfg.federation.rounds + 1):
-        start = time.monotonic()
-        replies = [train_round(cfg, h, fed.global_state, server_round) for h in hospitals]
-        for reply in replies:
-            reply.metrics["simulated"] = 1.0  # what the ClientApp adds in simulation
-        trained = time.monotonic()
-        fed.aggregate(server_round, replies)
-        aggregated = time.monotonic()
-        evals = {h.name: evaluate_round(cfg, h, fed.global_state) for h in hospitals}
-        evaluated = time.monotonic()
-        fed.record_evaluation(server_round, evals)
-        fed.checkpoint(server_round)
-        end = time.monotonic()
-        timing = {"train_phase_seconds": trained - start, "aggregate_seconds": aggregated - trained,
-                  "eval_phase_seconds": evaluated - aggregated, "checkpoint_seconds": end - evaluated,
-                  "round_seconds": end - start}
-        rounds.append(_round_record(timing, {r.hospital: r.metrics for r in replies}, evals))
-    fed.finish("completed")
-    return rounds
+    run_federation(LocalTransport(len(cfg.federation.hospitals)), cfg)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return [_round_record(r["timing"], r["train"], r["eval"]) for r in metrics["rounds"]]
 
 
 def worker(variant: str, cpus_per_hospital: float, out_dir: Path, overrides: list[str]) -> None:

@@ -11,14 +11,13 @@ The cell's value is the example-weighted mean Dice of the FINAL global model ove
 splits of the hospitals that are honest in every cell (h00..h07 for n=10), so every cell of
 the table (clean rows included) is measured on the same patients.
 
-How rounds run: in-process through the domain core, exactly as
-``server_app.app.run_federation`` drives them (``carefl.hospital.identify`` +
-``train_round`` / ``evaluate_round`` per hospital, ``carefl.federation.Federation`` for
-aggregation, evaluation records, checkpoints and the audit ledger), with every reply
-marked ``simulated`` as the ClientApp does under Flower's simulation engine, so the
-server-side attacks apply. Flower itself (``carefl-sim -m``) is not used: its Ray workers
-cost seconds per round and memory per hospital, which 2 shared cores cannot afford for 63
-federations; the round logic is the same code. Synthetic data is generated once per hospital
+How rounds run: through the one round loop, ``carefl.rounds.run_federation`` -- the code the
+ServerApp and ``carefl-sim`` run -- over the in-process transport
+(``carefl.local_transport.LocalTransport``): every request and reply crosses the same
+schema checks, site policies and signed receipts as under Flower, and the transport is
+simulated, so the server-side attacks apply. Flower itself (``carefl-sim -m``) is not used:
+its Ray workers cost seconds per round and memory per hospital, which 2 shared cores cannot
+afford for 63 federations. Synthetic data is generated once per hospital
 and cached in-process (``carefl.data.synthetic``).
 
 Defaults (small, CPU): ``privacy=none`` (no DP-SGD: DP noise at these tiny dataset sizes
@@ -41,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import sys
@@ -94,9 +94,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from carefl.attacks import byzantine_indices  # noqa: E402
 from carefl.config import compose_config  # noqa: E402
-from carefl.federation import Federation, FederationStopped  # noqa: E402
-from carefl.hospital import evaluate_round, identify, train_round  # noqa: E402
-from carefl.models import build_model  # noqa: E402
+from carefl.local_transport import LocalTransport  # noqa: E402
+from carefl.rounds import run_federation  # noqa: E402
 
 COLUMNS = ("rule", "attack", "hospitals", "f", "dice", "worst_dice", "rounds", "status", "seconds")
 
@@ -131,37 +130,21 @@ def cell_overrides(args: argparse.Namespace, rule: str, attack: str) -> tuple[li
     return overrides + list(args.set), n, f
 
 
-def run_cell(cfg, run_dir: Path, honest: list[str]) -> dict:
-    """One federation, driven like ``server_app.app.run_federation`` (no Flower).
+def run_cell(cfg, honest: list[str]) -> dict:
+    """One federation through ``carefl.rounds.run_federation`` (in-process transport).
 
-    Returns ``dice`` (example-weighted mean over ``honest``), ``worst_dice`` (lowest of
-    them), ``rounds`` completed and ``status`` (completed | stopped).
+    Returns ``dice`` (example-weighted mean over ``honest`` of the final model: the last
+    evaluated round), ``worst_dice`` (lowest of them), ``rounds`` completed and ``status``
+    (completed | stopped).
     """
-    names = list(cfg.federation.hospitals)
-    hospitals = [identify(cfg, {"partition-id": i, "num-partitions": len(names)}, str(run_dir)) for i in range(len(names))]
-    fed = Federation(cfg, run_dir, build_model(cfg).state_dict())
-    status, done = "completed", 0
-    for server_round in range(1, cfg.federation.rounds + 1):
-        replies = []
-        for h in hospitals:
-            reply = train_round(cfg, h, fed.global_state, server_round)
-            reply.metrics["simulated"] = float(h.simulated)  # what the ClientApp adds
-            replies.append(reply)
-        try:
-            summary = fed.aggregate(server_round, replies)
-        except FederationStopped as stop:
-            print(f"    stopped: {stop}", flush=True)
-            status = "stopped"
-            break
-        evals = {h.name: evaluate_round(cfg, h, fed.global_state) for h in hospitals if h.name in summary.accepted}
-        fed.record_evaluation(server_round, evals)
-        fed.checkpoint(server_round)
-        done = server_round
-    fed.finish(status)
-    final = {h.name: evaluate_round(cfg, h, fed.global_state) for h in hospitals if h.name in honest}
+    run_dir = run_federation(LocalTransport(len(cfg.federation.hospitals)), cfg)
+    record = json.loads((run_dir / "metrics.json").read_text())
+    evaluated = [r for r in record["rounds"] if r["eval"]]
+    final = {h: evaluated[-1]["eval"][h] for h in honest} if evaluated else {}
     total = sum(m["num_examples"] for m in final.values())
-    dice = sum(m["dice"] * m["num_examples"] for m in final.values()) / total
-    return {"dice": dice, "worst_dice": min(m["dice"] for m in final.values()), "rounds": done, "status": status}
+    dice = sum(m["dice"] * m["num_examples"] for m in final.values()) / total if total else float("nan")
+    worst = min((m["dice"] for m in final.values()), default=float("nan"))
+    return {"dice": dice, "worst_dice": worst, "rounds": len(evaluated), "status": record["status"]}
 
 
 def run_matrix(args: argparse.Namespace) -> list[dict]:
@@ -173,11 +156,11 @@ def run_matrix(args: argparse.Namespace) -> list[dict]:
         for rule in rules:
             for attack in attacks:
                 overrides, n, f = cell_overrides(args, rule, attack)
-                cfg = compose_config(overrides)
+                cfg = compose_config([*overrides, f"output_dir={tmp}", f"run_id={rule}-{attack}"])
                 byz = byzantine_indices(cfg.attack, n)
                 assert not set(byz) & set(range(len(honest))), (rule, attack, byz)
                 start = time.perf_counter()
-                result = run_cell(cfg, Path(tmp) / f"{rule}-{attack}", honest)
+                result = run_cell(cfg, honest)
                 seconds = time.perf_counter() - start
                 row = {"rule": rule, "attack": attack, "hospitals": n, "f": len(byz), **result, "seconds": seconds}
                 rows.append(row)

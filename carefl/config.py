@@ -2,12 +2,12 @@
 
 The ServerApp composes ``conf/config.yaml`` with the overrides it received
 (``flwr run . --run-config "overrides='strategy=median federation.rounds=3'"``), validates
-it once here, and sends hospitals the resolved tree as JSON. Hospitals never read ``conf/``.
+it once here. Hospitals never receive this tree: they get the narrow request of
+:mod:`carefl.request`, built from it.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shlex
@@ -378,13 +378,3 @@ def validate(cfg: DictConfig) -> None:
     from carefl.attacks import byzantine_indices
 
     byzantine_indices(cfg.attack, n)
-
-
-def to_json(cfg: DictConfig) -> str:
-    """The resolved config as JSON (what hospitals receive)."""
-    return json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True)
-
-
-def from_json(text: str) -> DictConfig:
-    """Inverse of :func:`to_json`."""
-    return OmegaConf.create(json.loads(text))

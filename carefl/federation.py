@@ -1,9 +1,12 @@
 """The server's side of a federation, without Flower: state, rounds, audit, checkpoints.
 
-``server_app`` sends messages and hands the replies to :class:`Federation`, which
+The round loop (:mod:`carefl.rounds`) checks every reply at the edge (:mod:`carefl.replies`)
+and hands the checked replies to :class:`Federation`, which
 
-1. rejects unusable updates (refusals, NaN/Inf, wrong keys/shapes/dtypes, absurd norms),
-   naming the hospital, and stops cleanly when fewer than ``federation.min_hospitals`` remain;
+1. leaves out refusals, invalid replies and updates whose norm is absurd -- above
+   ``federation.max_update_norm`` (absolute, null = none) or above
+   ``federation.max_update_norm_ratio`` times the round's median norm -- naming the hospital,
+   and stops cleanly when fewer than ``federation.min_hospitals`` remain;
 2. flattens accepted updates (local - global) to an ``(n, d)`` float32 matrix, applies the
    simulated omniscient attack (simulation only), aggregates with the configured robust
    rule, steps the server optimiser and updates the global model;
@@ -13,6 +16,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -23,8 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from carefl import attacks, checkpoint, robust
 from carefl.errors import CareFLError, ConfigError
-from carefl.hospital import TrainReply
 from carefl.ledger import Ledger, hash_config, hash_state_dict
+from carefl.replies import TrainReply
 from carefl.report import Report
 
 log = logging.getLogger("carefl")
@@ -47,7 +51,8 @@ class RoundSummary:
 def _not_aggregated(reply: TrainReply, reason: str) -> dict:
     """Ledger record of a hospital whose update did not enter the aggregate."""
     return {"accepted": False, "reason": reason, "epsilon": reply.metrics.get("epsilon"),
-            "update_hash": None, "norm": None}
+            "update_hash": reply.receipt["update_hash"] if reply.receipt else None, "norm": None,
+            "receipt": reply.receipt}
 
 
 class Federation:
@@ -55,9 +60,12 @@ class Federation:
 
     ``initial_state`` is the freshly built model's state dict; on resume it is replaced by
     the last checkpoint's global model and the round counter continues from there.
+    ``simulated``: the round loop's transport runs Flower's simulation engine (or the
+    in-process one); only then do the configured attacks apply.
     """
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, initial_state: dict[str, torch.Tensor], resume: bool = False):
+    def __init__(self, cfg: DictConfig, run_dir: Path, initial_state: dict[str, torch.Tensor], resume: bool = False,
+                 simulated: bool = False):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -65,10 +73,13 @@ class Federation:
         self.server_opt = robust.build_server_optimizer(cfg.strategy)
         self.reputation = robust.Reputation()
         self.config_hash = hash_config(OmegaConf.to_container(cfg, resolve=True))
-        self.byzantine = set(attacks.byzantine_indices(cfg.attack, len(cfg.federation.hospitals)))
+        self.byzantine = set(attacks.byzantine_indices(cfg.attack, len(cfg.federation.hospitals))) if simulated else set()
         self.generator = torch.Generator().manual_seed(int(cfg.seed) + 7919)
         self.report = Report(self.run_dir, cfg)
         self.global_state = {k: v.detach().clone() for k, v in initial_state.items()}
+        #: hospital -> the public key its receipts must verify under: registered in
+        #: federation.hospital_keys, or pinned at its first authenticated reply (checkpointed)
+        self.hospital_keys: dict[str, str] = dict(cfg.federation.get("hospital_keys") or {})
         self.next_round = 1
         if resume:  # the ledger must contain the checkpoint's head; the chain continues from it
             state = checkpoint.load_latest_checkpoint(self.run_dir)
@@ -78,25 +89,25 @@ class Federation:
             self.ledger = Ledger(self.run_dir / "ledger.jsonl")
             self.ledger.append("start", round=0, config_hash=self.config_hash,
                                model_after=hash_state_dict(self.global_state))
+        #: what hospitals sign receipts for: the hash of the ledger's first entry
+        self.run_id = json.loads((self.run_dir / "ledger.jsonl").open(encoding="utf-8").readline())["hash"]
 
     # ---- rounds -------------------------------------------------------------------------
     def aggregate(self, server_round: int, replies: list[TrainReply]) -> RoundSummary:
         """Aggregate one round's training replies into a new global model."""
         fed = self.cfg.federation
         hospitals = list(fed.hospitals)
-        rejected: dict[str, str] = {}
-        accepted: list[TrainReply] = []
-        for reply in replies:
-            if reply.status != "ok":
-                rejected[reply.hospital] = reply.reason or reply.status
-                continue
-            reason = robust.validate_update(
-                reply.hospital, reply.state, self.global_state, fed.max_update_norm
-            )
-            if reason:
-                rejected[reply.hospital] = reason
-            else:
-                accepted.append(reply)
+        rejected = {r.hospital: r.reason or r.status for r in replies if r.status != "ok"}
+        accepted = [r for r in replies if r.status == "ok"]
+        updates = robust.flatten_updates([r.state for r in accepted], self.global_state)
+        if self.byzantine and accepted:
+            rows = [i for i, r in enumerate(accepted) if r.hospital in hospitals and hospitals.index(r.hospital) in self.byzantine]
+            updates = attacks.apply_update_attack(self.cfg.attack, updates, rows, self.generator)
+        too_large = robust.norm_outliers(updates, fed.max_update_norm, fed.max_update_norm_ratio)
+        if too_large:
+            rejected.update({accepted[i].hospital: f"{accepted[i].hospital}: {why}" for i, why in too_large.items()})
+            keep = [i for i in range(len(accepted)) if i not in too_large]
+            accepted, updates = [accepted[i] for i in keep], updates[keep]
         for name, reason in rejected.items():
             log.warning("round %d: left out %s: %s", server_round, name, reason)
         model_before = hash_state_dict(self.global_state)
@@ -108,10 +119,6 @@ class Federation:
                 f"({', '.join(r.hospital for r in accepted) or 'none'}) but federation.min_hospitals="
                 f"{fed.min_hospitals}; stopping with the model of round {server_round - 1}"
             )
-        updates = robust.flatten_updates([r.state for r in accepted], self.global_state)
-        if self.byzantine and all(r.metrics.get("simulated", 0.0) for r in accepted):
-            rows = [i for i, r in enumerate(accepted) if r.hospital in hospitals and hospitals.index(r.hospital) in self.byzantine]
-            updates = attacks.apply_update_attack(self.cfg.attack, updates, rows, self.generator)
         claimed = torch.tensor([r.metrics["num_examples"] for r in accepted], dtype=torch.float32)
         try:  # the rule re-checks its assumption (e.g. Krum n > 2f+2) on the replies that came
             result = self.aggregator(updates, claimed)
@@ -126,14 +133,14 @@ class Federation:
         for i, r in enumerate(accepted):
             per_hospital[r.hospital] = {
                 "accepted": True, "reason": None, "epsilon": r.metrics.get("epsilon"),
-                "update_hash": hash_state_dict({"update": updates[i]}), "norm": signals[r.hospital]["norm"],
+                "update_hash": r.receipt["update_hash"], "norm": signals[r.hospital]["norm"], "receipt": r.receipt,
             }
         robust_record = {n: {**signals[n], "reputation": reputation[n]} for n in names}
         self.report.add_round(server_round, replies, robust_record, rejected)
         self.ledger.append("round", round=server_round, config_hash=self.config_hash,
                            model_before=model_before, model_after=hash_state_dict(self.global_state),
                            hospitals=per_hospital)
-        return RoundSummary(server_round, names, rejected, {r.hospital: r.metrics.get("train_loss", float("nan")) for r in accepted})
+        return RoundSummary(server_round, names, rejected, {r.hospital: r.metrics["train_loss"] for r in accepted if "train_loss" in r.metrics})
 
     def _record_stop(self, server_round, replies, rejected, per_hospital, model_before) -> None:
         """Audit a round that could not aggregate: the global model stays as it was."""
@@ -156,6 +163,7 @@ class Federation:
             "server_opt": self.server_opt.state_dict(),
             "aggregator": self.aggregator.state_dict(),
             "reputation": self.reputation.state_dict(),
+            "hospital_keys": dict(self.hospital_keys),
             "ledger_head": self.ledger.head,
             "metrics": self.report.state_dict(),
             "config_hash": self.config_hash,
@@ -168,6 +176,7 @@ class Federation:
         self.server_opt.load_state_dict(state["server_opt"])
         self.aggregator.load_state_dict(state["aggregator"])
         self.reputation.load_state_dict(state["reputation"])
+        self.hospital_keys = {**state.get("hospital_keys", {}), **self.hospital_keys}
         self.report.load_state_dict(state["metrics"])
         self.next_round = int(state["round"]) + 1
 

@@ -1,13 +1,25 @@
-"""One hospital's side of a round: who it is, its site policy, local training, evaluation.
+"""One hospital's side of a round: the request it accepts, its policy, local training, its receipt.
 
-The ClientApp only converts Flower messages to the calls below and back. Everything a
-hospital decides for itself lives here: its identity and data location (node config), its
-privacy budget (site policy: the server can request, never raise), and whether it trains.
+The ClientApp only converts Flower messages to :func:`handle` and back; the in-process
+transport of the benchmarks calls :func:`handle` too. A round at the hospital:
+
+1. :func:`carefl.request.parse_request` checks the request against the narrow schema;
+2. :func:`carefl.site.read_policy` reads the hospital's own policy (node config / policy file)
+   and :func:`carefl.site.admit` refuses a request outside it;
+3. under the state-dir lock (:mod:`carefl.budget`): the budget is loaded and checked against
+   the hospital's cap, the round's spend is written ahead, DP-SGD trains with sampling and
+   noise from OS entropy, the spend is committed;
+4. a receipt signed with the hospital's key (:mod:`carefl.receipts`) is appended to its own
+   log and sent with the reply.
+
+Any :class:`~carefl.errors.CareFLError` on the way becomes a ``refused`` reply whose reason
+names the problem; the hospital's data, budget and key never leave it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,69 +29,39 @@ from typing import Mapping
 import torch
 from torch.utils.data import Dataset
 
-from carefl import attacks, privacy
+from carefl import attacks, budget, privacy
 from carefl.checkpoint import atomic_write_text
 from carefl.data import load_hospital
-from carefl.errors import ConfigError
+from carefl.errors import CareFLError, ConfigError
+from carefl.ledger import hash_state_dict
 from carefl.models import build_model, plain_state_dict
+from carefl.receipts import LOG_FILE, ReceiptLog, SigningKey, history_hash, make_receipt
+from carefl.request import Request, parse_request
+from carefl.site import SitePolicy, admit, read_policy
 from carefl.training import evaluate, make_loader, make_optimizer, train_epochs
 
-#: node-config keys a SuperNode may set (``flower-supernode --node-config 'k=v ...'``)
-NODE_KEYS = ("hospital", "data-path", "state-dir", "epsilon-cap", "delta", "site-policy", "torch-threads")
-#: keys Flower's simulation engine sets itself
-SIMULATION_KEYS = ("partition-id", "num-partitions")
+log = logging.getLogger("carefl.hospital")
+TRAIN, EVALUATE = "train", "evaluate"
 
 
 @dataclass
-class Hospital:
-    """A hospital as its SuperNode describes it.
+class HospitalReply:
+    """What a hospital sends back.
 
-    ``index`` is its position in ``federation.hospitals`` (simulation; -1 in deployment when
-    the name is not listed). ``simulated`` is true only under Flower's simulation engine
-    (node config carries ``partition-id``); simulated attacks are unreachable otherwise.
+    ``status``: ``"ok"`` or ``"refused"`` (``reason`` says why; ``state`` is None).
+    ``metrics``: floats; train: num_examples, steps, train_seconds and, under DP, epsilon,
+    delta, noise_multiplier, epsilon_cap (never the unnoised training loss: only without DP
+    is train_loss sent); evaluate: the task's metrics, num_examples, eval_seconds.
+    ``receipt``: the signed receipt of a training round (:func:`carefl.receipts.make_receipt`),
+    None when the hospital could not get as far as its key.
     """
 
-    name: str
-    index: int
-    state_dir: Path
-    data_path: str | None = None
-    simulated: bool = False
-    node_config: Mapping = field(default_factory=dict)
-
-
-def identify(cfg, node_config: Mapping, run_dir: str) -> Hospital:
-    """Build the :class:`Hospital` from a SuperNode's node config.
-
-    Deployment: ``hospital`` (name), ``data-path``, ``state-dir`` come from the node config.
-    Simulation: ``partition-id`` i selects ``federation.hospitals[i]``; state defaults to
-    ``<run_dir>/hospitals/<name>``.
-    """
-    unknown = sorted(set(node_config) - set(NODE_KEYS) - set(SIMULATION_KEYS))
-    if unknown:  # a typo such as epsilon_cap must not silently drop a hospital's budget
-        raise ConfigError(
-            f"unknown SuperNode node-config key(s) {unknown}; valid keys: {', '.join(NODE_KEYS)} "
-            "(fix the flower-supernode --node-config of this hospital)"
-        )
-    hospitals = list(cfg.federation.hospitals)
-    simulated = "partition-id" in node_config
-    if "hospital" in node_config:
-        name = str(node_config["hospital"])
-    elif simulated:
-        pid, parts = int(node_config["partition-id"]), int(node_config.get("num-partitions", len(hospitals)))
-        if parts != len(hospitals):
-            raise ConfigError(
-                f"the simulation has {parts} SuperNodes but federation.hospitals lists {len(hospitals)}; "
-                f"run with --federation-config 'num-supernodes={len(hospitals)}' or change federation.hospitals"
-            )
-        name = hospitals[pid]
-    else:
-        raise ConfigError("this SuperNode has no hospital name: start it with --node-config 'hospital=\"<name>\"'")
-    index = hospitals.index(name) if name in hospitals else -1
-    if simulated:  # stands in for the node config each simulated SuperNode would have
-        node_config = {**dict(cfg.federation.get("site_policies", {}).get(name, {})), **dict(node_config)}
-    state_dir = Path(str(node_config.get("state-dir") or Path(run_dir) / "hospitals" / name))
-    data_path = node_config.get("data-path")
-    return Hospital(name, index, state_dir, str(data_path) if data_path else None, simulated, dict(node_config))
+    hospital: str
+    status: str
+    reason: str
+    state: dict[str, torch.Tensor] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    receipt: dict | None = None
 
 
 class _FlippedLabels(Dataset):
@@ -96,23 +78,24 @@ class _FlippedLabels(Dataset):
         return image, attacks.flip_labels(label, self.task.kind, self.task.num_classes)
 
 
-def _training_set(cfg, hospital: Hospital) -> Dataset:
-    data = load_hospital(cfg, hospital.name, hospital.index, hospital.data_path)
-    n = len(cfg.federation.hospitals)
-    if hospital.simulated and hospital.index >= 0 and attacks.flips_labels(cfg.attack, hospital.index, n):
-        return _FlippedLabels(data.train, cfg.task)
+def _data(cfg, policy: SitePolicy):
+    return load_hospital(cfg, policy.hospital, policy.synthetic_site if policy.synthetic_site is not None else -1,
+                         None if policy.synthetic_site is not None else policy.data_path)
+
+
+def _training_set(request: Request, policy: SitePolicy) -> Dataset:
+    data = _data(request.config, policy)
+    sim = request.simulation
+    if policy.simulated and sim is not None:
+        n = len(sim["hospitals"])
+        if 0 <= policy.index < n and attacks.flips_labels(sim["attack"], policy.index, n):
+            return _FlippedLabels(data.train, request.config.task)
     return data.train
 
 
 def local_steps(num_examples: int, batch_size: int, epochs: int) -> int:
     """Optimizer steps of one round: ``epochs * ceil(N / B)`` (Poisson: expected batches)."""
     return epochs * math.ceil(num_examples / batch_size)
-
-
-def _requested_cap(privacy_cfg) -> float:
-    """The epsilon cap a hospital falls back to when its site policy sets none: the server's
-    target (or unlimited when the server gives sigma directly). A hospital's own cap wins."""
-    return float(privacy_cfg.target_epsilon) if privacy_cfg.target_epsilon else float("inf")
 
 
 #: calibrated sigmas in a hospital's state dir, keyed by the calibration's arguments
@@ -163,80 +146,127 @@ def make_private(cfg, model, optimizer, loader, sigma: float, history: list):
     )
 
 
-@dataclass
-class TrainReply:
-    """A hospital's answer to a training request.
-
-    ``status`` is ``"ok"`` or ``"refused"`` (budget would be exceeded; ``state`` is None).
-    ``metrics``: train_loss, num_examples, steps, train_seconds (wall time of the whole local
-    round: data, model, calibration, training, accounting) and, under DP, epsilon, delta,
-    noise_multiplier, epsilon_cap.
-    """
-
-    hospital: str
-    status: str
-    reason: str
-    state: dict[str, torch.Tensor] | None
-    metrics: dict[str, float]
 
 
-def train_round(cfg, hospital: Hospital, global_state: dict[str, torch.Tensor], server_round: int) -> TrainReply:
-    """Train the global model on this hospital's data for ``federation.local_epochs``.
+def _receipt(key: SigningKey, request: Request, policy: SitePolicy, received: str, reply: HospitalReply,
+             history: list | None) -> dict:
+    return make_receipt(
+        key, run_id=request.run_id, round=request.round, hospital=policy.hospital, model_received=received,
+        update_hash=hash_state_dict(reply.state) if reply.state is not None else None,
+        num_examples=int(reply.metrics.get("num_examples", 0)), epsilon=reply.metrics.get("epsilon"),
+        history_hash=history_hash(history) if history is not None else None, ledger_head=request.ledger_head,
+    )
 
-    Under DP the hospital first checks its own budget: if this round's steps would push its
-    epsilon over its cap it refuses and sends no weights.
+
+def train_round(request: Request, policy: SitePolicy, global_state: dict[str, torch.Tensor]) -> HospitalReply:
+    """Train the received global model on this hospital's data for ``federation.local_epochs``,
+    with DP-SGD unless the request disables it and the policy allows that; sign a receipt.
+
+    Under DP the hospital checks its own budget first: if this round's steps would push its
+    epsilon over its cap it refuses and sends no weights. The whole sequence runs under the
+    state-dir lock; the spend is written ahead (a crash can only over-count). A refusal -- the
+    policy, the budget, its data -- is signed too, so the server's ledger records it as this
+    hospital's and nobody else can refuse in its name.
     """
     start = time.perf_counter()
-    fed = cfg.federation
-    train_set = _training_set(cfg, hospital)
+    received = hash_state_dict(global_state)
+    with budget.locked(policy.state_dir):
+        key = SigningKey.load_or_create(policy.key_file)
+        receipts = ReceiptLog(policy.state_dir / LOG_FILE)
+        try:
+            refusal = admit(policy, request)
+            if refusal:
+                raise ConfigError(refusal)
+            reply, history = _train_locked(request, policy, global_state, key, receipts)
+        except (CareFLError, RuntimeError) as err:  # RuntimeError: load_state_dict of a foreign model
+            reply, history = _refusal(policy.hospital, TRAIN, err), None
+        reply.metrics["train_seconds"] = time.perf_counter() - start
+        reply.receipt = _receipt(key, request, policy, received, reply, history)
+        receipts.append(reply.receipt)
+    return reply
+
+
+def _refusal(name: str, kind: str, err: Exception) -> HospitalReply:
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:1000]
+    log.warning("hospital %s refused a %s request: %s", name, kind, reason)
+    return HospitalReply(name, "refused", reason, metrics={"num_examples": 0.0})
+
+
+def _train_locked(request: Request, policy: SitePolicy, global_state, key: SigningKey, receipts: ReceiptLog):
+    """:func:`train_round` under the lock: (reply without receipt, history after the round or
+    None without DP)."""
+    cfg, fed = request.config, request.config.federation
+    train_set = _training_set(request, policy)
+    n = len(train_set)
     model = build_model(cfg)
     model.load_state_dict(global_state)
     optimizer = make_optimizer(model, fed.optimizer, fed.lr)
-    loader = make_loader(train_set, fed.batch_size, seed=cfg.seed * 100_003 + server_round * 101 + hospital.index)
-    n = len(train_set)
     metrics: dict[str, float] = {"num_examples": float(n)}
-    if not cfg.privacy.enabled:
+    if not cfg.privacy.enabled:  # admitted only when the policy says require-dp=false
+        loader = make_loader(train_set, fed.batch_size, seed=cfg.seed * 100_003 + request.round * 101 + policy.index)
         result = train_epochs(model, optimizer, loader, cfg.task, fed.local_epochs, cfg.strategy.prox_mu)
-        metrics.update(train_loss=result.loss, steps=float(result.steps), train_seconds=time.perf_counter() - start)
-        return TrainReply(hospital.name, "ok", "", model.state_dict(), metrics)
-
-    policy = privacy.site_policy(
-        hospital.node_config,
-        requested_epsilon=_requested_cap(cfg.privacy),
-        requested_delta=cfg.privacy.target_delta,
-    )
+        metrics.update(train_loss=result.loss, steps=float(result.steps))
+        return HospitalReply(policy.hospital, "ok", "", plain_state_dict(model), metrics), None
+    if not policy.delta < 1.0 / n:
+        raise ConfigError(f"delta={policy.delta:g} of hospital {policy.hospital} is not below 1/N = 1/{n} for its "
+                          f"{n} training records; set a smaller delta in its site policy (e.g. {0.1 / n:.1e})")
     sample_rate = privacy.sample_rate(n, fed.batch_size)
     steps = local_steps(n, fed.batch_size, fed.local_epochs)
-    sigma = planned_noise_multiplier(cfg, n, policy.delta, fed.rounds * fed.local_epochs, hospital.state_dir)
-    history = privacy.load_history(hospital.state_dir)
-    ok, projected, reason = privacy.budget_check(policy, history, sigma, sample_rate, steps, cfg.privacy.accountant)
+    sigma = planned_noise_multiplier(cfg, n, policy.delta, fed.rounds * fed.local_epochs, policy.state_dir)
+    history = budget.load(policy.state_dir, key, receipts)
+    ok, projected, reason = privacy.budget_check(policy.epsilon_cap, policy.delta, history, sigma, sample_rate, steps,
+                                                 cfg.privacy.accountant)
     metrics.update(epsilon_cap=policy.epsilon_cap, delta=policy.delta, noise_multiplier=float(sigma))
     if not ok:
-        metrics["epsilon"] = privacy.epsilon(history, policy.delta, cfg.privacy.accountant) if history else 0.0
-        metrics["train_seconds"] = time.perf_counter() - start
-        return TrainReply(hospital.name, "refused", f"{hospital.name}: {reason}", None, metrics)
-    dp_model, dp_optimizer, dp_loader, engine = make_private(cfg, model, optimizer, loader, sigma, history)
+        metrics["epsilon"] = privacy.epsilon(history, policy.delta, cfg.privacy.accountant)
+        return HospitalReply(policy.hospital, "refused", f"{policy.hospital}: {reason}", None, metrics), history
+    budget.save(policy.state_dir, key, privacy.extended(history, sigma, sample_rate, steps), base=history)
+    dp_model, dp_optimizer, dp_loader, engine = make_private(cfg, model, optimizer, make_loader(train_set, fed.batch_size, seed=0), sigma, history)
     result = train_epochs(dp_model, dp_optimizer, dp_loader, cfg.task, fed.local_epochs, cfg.strategy.prox_mu)
     history = list(engine.accountant.history)
-    privacy.save_history(hospital.state_dir, history)
+    budget.save(policy.state_dir, key, history)
     # the planned steps at (sigma, q) were taken: the history is the one budget_check projected,
     # so its epsilon is known (a PRV epsilon costs ~0.4 s; benchmarks/bench_overhead.py)
     spent = projected if result.steps == steps else privacy.epsilon(history, policy.delta, cfg.privacy.accountant)
-    metrics.update(
-        train_loss=result.loss,
-        steps=float(result.steps),
-        epsilon=spent,
-        train_seconds=time.perf_counter() - start,
-    )
-    return TrainReply(hospital.name, "ok", "", plain_state_dict(dp_model), metrics)
+    metrics.update(steps=float(result.steps), epsilon=spent)  # no train_loss: it is not noised
+    return HospitalReply(policy.hospital, "ok", "", plain_state_dict(dp_model), metrics), history
 
 
-def evaluate_round(cfg, hospital: Hospital, global_state: dict[str, torch.Tensor]) -> dict[str, float]:
+def evaluate_round(request: Request, policy: SitePolicy, global_state: dict[str, torch.Tensor]) -> HospitalReply:
     """Metrics of the global model on this hospital's held-out split (+ ``num_examples``,
     ``eval_seconds``: wall time of loading, building and evaluating)."""
     start = time.perf_counter()
-    test = load_hospital(cfg, hospital.name, hospital.index, hospital.data_path).test
-    model = build_model(cfg)
+    test = _data(request.config, policy).test
+    model = build_model(request.config)
     model.load_state_dict(global_state)
-    metrics = evaluate(model, test, cfg.task)
-    return {**metrics, "num_examples": float(len(test)), "eval_seconds": time.perf_counter() - start}
+    metrics = evaluate(model, test, request.config.task)
+    metrics.update(num_examples=float(len(test)), eval_seconds=time.perf_counter() - start)
+    return HospitalReply(policy.hospital, "ok", "", None, metrics)
+
+
+def handle(kind: str, request_text: str, global_state: Mapping[str, torch.Tensor], node_config: Mapping) -> HospitalReply:
+    """One request at this hospital, end to end: schema, policy, work, receipt.
+
+    Args:
+        kind: :data:`TRAIN` or :data:`EVALUATE` (the message type).
+        request_text: the request JSON as received (:mod:`carefl.request`).
+        global_state: the global model as received (checked by ``load_state_dict``).
+        node_config: this SuperNode's node config (its operator's, never the server's).
+    Returns:
+        the reply; a request the hospital will not serve is a ``refused`` reply with the reason
+        (also logged here). The name is ``node config hospital`` when known.
+    """
+    name = str(node_config.get("hospital", "?"))
+    try:
+        request = parse_request(request_text, simulated="partition-id" in node_config)
+        policy = read_policy(node_config, request)
+        name = policy.hospital
+        torch.set_num_threads(policy.torch_threads or int(request.config.federation.torch_threads))
+        if kind == TRAIN:
+            return train_round(request, policy, dict(global_state))
+        refusal = admit(policy, request)
+        if refusal:
+            raise ConfigError(refusal)
+        return evaluate_round(request, policy, dict(global_state))
+    except (CareFLError, RuntimeError) as err:  # before the key is at hand: refused, unsigned
+        return _refusal(name, kind, err)

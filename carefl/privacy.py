@@ -44,33 +44,52 @@ NOT protected:
   loss): a ClientApp must not send one, or it falls outside the guarantee;
 - h's data against h's own staff, and membership of h in the consortium.
 
+Against whom
+------------
+The guarantee holds against everyone who sees what h sends: the coordinator (server), the
+other hospitals (they see only post-processed aggregates), and the network. It rests only on
+what h decides itself (:mod:`carefl.site`): whether it trains with DP at all, its epsilon cap
+and delta, its state dir, and the randomness below. A hostile server can request a smaller
+sigma or more steps; h then refuses the round (:func:`budget_check`), it never trains past
+its cap.
+
+Randomness the server cannot predict. Subsampling amplification (the small q in the
+accounting) holds only if the adversary does not know which records are in each batch, and
+the Gaussian mechanism only if it does not know the noise. :func:`make_private` therefore
+draws Poisson sampling and noise from two ``torch.Generator`` seeded with 64 bits of OS
+entropy (``secrets``) on the hospital, fresh every round; no seed is ever sent or derived
+from the run config (``seed`` only initialises the model and the synthetic demo data).
+What this gives: two runs with identical configs draw different batches and noise, and
+nobody outside the hospital process can reproduce them. What it does not give: torch's CPU
+generator is Mersenne Twister, not a cryptographic generator (its outputs are not meant to
+resist an adversary who sees many of them -- here nobody sees them, only the noised sums),
+and ``torch.normal`` in float32/64 is not hardened against floating-point attacks on
+Gaussian sampling (Mironov 2012; Jin et al. 2021). Opacus' ``secure_mode`` addresses both
+with the ``torchcsprng`` package, which is unmaintained and has no wheel for torch 2.13:
+``privacy.secure_mode=true`` is refused with that reason rather than silently downgraded.
+
 Budget
 ------
 Noise is calibrated ONCE for the whole planned federation (rounds x local steps,
 :func:`calibrate_noise`), never per round. Each hospital keeps its accountant history in its
-own state dir (:func:`load_history`, :func:`save_history`, atomic), restores it into every
+own state dir (:mod:`carefl.budget`: locked, written ahead, signed), restores it into every
 round's fresh PrivacyEngine (:func:`make_private`) so epsilon never restarts, and refuses a
-round that would push its epsilon over its own cap (:func:`site_policy`, :func:`budget_check`).
+round that would push its epsilon over its own cap (:func:`budget_check`).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
+import secrets
 import warnings
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import torch
-import yaml
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import DataLoader
 
-from carefl.checkpoint import atomic_write_text
 from carefl.errors import ConfigError
 
 # Opacus' per-sample-gradient hooks fire on module outputs when the input needs no grad (the
@@ -80,7 +99,6 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing when gra
 #: One accountant history entry: (noise_multiplier sigma, sample_rate q, number of steps).
 Step = tuple[float, float, int]
 
-HISTORY_FILE = "privacy_history.json"
 ACCOUNTANTS = ("prv", "rdp")
 #: Opacus per-sample gradient modes that train all our nets (privacy.grad_sample_mode).
 #: benchmarks/bench_dp.py: "ew" (ExpandedWeights) fails on PReLU, ConvTranspose and DenseNet's
@@ -144,7 +162,7 @@ def calibrate_noise(
     )
 
 
-def _extended(history: list[Step], noise_multiplier: float, sample_rate: float, steps: int) -> list[Step]:
+def extended(history: list[Step], noise_multiplier: float, sample_rate: float, steps: int) -> list[Step]:
     """``history`` plus ``steps`` steps at (sigma, q), merged the way Opacus' accountants do."""
     out = list(history)
     if out and out[-1][0] == noise_multiplier and out[-1][1] == sample_rate:
@@ -177,61 +195,7 @@ def projected_epsilon(
     accountant: str = "prv",
 ) -> float:
     """Epsilon the hospital would have spent after ``steps`` more steps at (sigma, q)."""
-    return epsilon(_extended(history, noise_multiplier, sample_rate, steps), delta, accountant)
-
-
-# ---- accountant persistence -----------------------------------------------------------
-
-
-def load_history(state_dir: str | os.PathLike, *, expect_existing: bool = False) -> list[Step]:
-    """The accountant history saved in ``<state_dir>/privacy_history.json``.
-
-    Args:
-        state_dir: the hospital's own state directory (one per training set, kept across rounds
-            AND runs: epsilon is spent on the data, not on a run).
-        expect_existing: True when this hospital has trained before (e.g. the ClientApp
-            recorded a save in its context state); a missing file is then an error, not a
-            silent restart of epsilon at 0.
-    Returns:
-        list of (sigma, q, steps); empty when nothing was saved yet and none was expected.
-    Raises:
-        ConfigError: the file is missing though expected, or unreadable / malformed.
-    """
-    path = Path(state_dir) / HISTORY_FILE
-    if not path.exists():
-        if expect_existing:
-            raise ConfigError(
-                f"privacy accountant history {path} is missing but this hospital trained before; "
-                "restore the file from backup (training on would restart epsilon at 0)"
-            )
-        return []
-    try:
-        raw = json.loads(path.read_text())
-        history = [(float(s), float(q), int(n)) for s, q, n in raw["history"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(
-            f"privacy accountant history {path} is corrupt ({type(e).__name__}: {e}); "
-            "restore it from backup -- deleting it would restart epsilon at 0"
-        ) from e
-    if any(not (s > 0 and 0 < q <= 1 and n >= 1) for s, q, n in history):
-        raise ConfigError(
-            f"privacy accountant history {path} has an entry outside sigma>0, 0<q<=1, steps>=1; "
-            "restore it from backup"
-        )
-    return history
-
-
-def save_history(state_dir: str | os.PathLike, history: list[Step]) -> Path:
-    """Write ``history`` to ``<state_dir>/privacy_history.json`` atomically (tmp + os.replace).
-
-    A crash leaves either the old or the new file, never a torn one. Returns the path.
-    """
-    directory = Path(state_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / HISTORY_FILE
-    payload = json.dumps({"history": [[float(s), float(q), int(n)] for s, q, n in history]})
-    atomic_write_text(path, payload)
-    return path
+    return epsilon(extended(history, noise_multiplier, sample_rate, steps), delta, accountant)
 
 
 # ---- DP-SGD setup --------------------------------------------------------------------
@@ -254,17 +218,21 @@ def make_private(
     Args:
         model: a DP-ready net (carefl.models.build_model).
         optimizer: over ``model.parameters()``.
-        loader: plain DataLoader over the training set with the planned batch size; it is
-            replaced by a Poisson-sampling loader at rate :func:`sample_rate`.
+        loader: plain DataLoader over the training set with the planned batch size; only its
+            dataset and batch size are used: it is replaced by a Poisson-sampling loader at
+            rate :func:`sample_rate` whose generator is :func:`entropy_generator`.
         noise_multiplier: sigma (from :func:`calibrate_noise` or privacy.noise_multiplier).
         max_grad_norm: per-sample clipping bound C (L2, same units as the gradients).
         accountant: "prv" | "rdp".
-        secure_mode: Opacus' CSPRNG noise and sampling (needs the torchcsprng package).
-        history: :func:`load_history` of this hospital; restored into the engine's accountant.
+        secure_mode: Opacus' CSPRNG noise and sampling (needs the torchcsprng package, which
+            has no wheel for our torch: refused, see the module docstring).
+        history: this hospital's saved history (:func:`carefl.budget.load`); restored into
+            the engine's accountant.
         grad_sample_mode: privacy.grad_sample_mode, one of GRAD_SAMPLE_MODES.
     Returns:
         (model, optimizer, loader, engine): train with these; after training save
-        ``engine.accountant.history`` with :func:`save_history`.
+        ``engine.accountant.history`` with :func:`carefl.budget.save`. Sampling and noise
+        come from two fresh :func:`entropy_generator` (unknown to the server).
     """
     _check_accountant(accountant)
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
@@ -284,94 +252,32 @@ def make_private(
             "hospital node or set privacy.secure_mode=false"
         ) from e
     engine.accountant.load_state_dict({"history": list(history), "mechanism": accountant})
+    plain = DataLoader(loader.dataset, batch_size=loader.batch_size, generator=entropy_generator())
     model, optimizer, loader = engine.make_private(
         module=model,
         optimizer=optimizer,
-        data_loader=loader,
+        data_loader=plain,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         poisson_sampling=True,
         grad_sample_mode=grad_sample_mode,
+        noise_generator=None if secure_mode else entropy_generator(),
     )
     return model, optimizer, loader, engine
 
 
-# ---- site policy and budget ----------------------------------------------------------
+def entropy_generator() -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with 64 bits from the OS (``secrets.randbits``): the
+    source of a hospital's DP sampling and noise; see "Randomness" in the module docstring."""
+    return torch.Generator().manual_seed(secrets.randbits(64))
 
 
-@dataclass(frozen=True)
-class SitePolicy:
-    """A hospital's own privacy limits; the server's request can never loosen them.
-
-    epsilon_cap: the most epsilon this training set may ever spend (all rounds, all runs).
-    delta: the delta every epsilon of this hospital is computed at.
-    """
-
-    epsilon_cap: float
-    delta: float
-
-
-_POLICY_KEYS = ("epsilon-cap", "delta")
-
-
-def _policy_file(path: str) -> dict[str, Any]:
-    try:
-        values = yaml.safe_load(Path(path).read_text())  # JSON is YAML too
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"site-policy file {path} cannot be read ({e}); fix the node-config key site-policy") from e
-    if not isinstance(values, dict) or set(values) - set(_POLICY_KEYS):
-        raise ConfigError(
-            f"site-policy file {path} must be a mapping with only the keys {_POLICY_KEYS}; got {values!r}"
-        )
-    return values
-
-
-def _number(value: Any, key: str, source: str) -> float:
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}={value!r} in {source} is not a number") from None
-
-
-def site_policy(
-    node_config: Mapping[str, Any], *, requested_epsilon: float, requested_delta: float
-) -> SitePolicy:
-    """The hospital's policy from its node config, falling back to the server's request.
-
-    Node-config keys (``flower-supernode --node-config 'epsilon-cap=3.0 delta=1e-6'``):
-    ``epsilon-cap``, ``delta`` and optionally ``site-policy`` = path to a YAML/JSON file with
-    the same keys (inline node-config values override the file). A key the hospital sets
-    always wins: the server's privacy.target_epsilon / target_delta only fill in keys the
-    hospital left unset, so no request can raise a cap the hospital chose.
-
-    Raises:
-        ConfigError: epsilon-cap not > 0, delta not in (0, 1), unreadable policy file; the
-            message names the key and where it came from.
-    """
-    values: dict[str, tuple[Any, str]] = {
-        "epsilon-cap": (requested_epsilon, "the server's request (privacy.target_epsilon)"),
-        "delta": (requested_delta, "the server's request (privacy.target_delta)"),
-    }
-    if "site-policy" in node_config:
-        path = str(node_config["site-policy"])
-        values.update({k: (v, f"site-policy file {path}") for k, v in _policy_file(path).items()})
-    values.update({k: (node_config[k], "the hospital's node config") for k in _POLICY_KEYS if k in node_config})
-
-    eps_value, eps_source = values["epsilon-cap"]
-    cap = _number(eps_value, "epsilon-cap", eps_source)
-    if not 0 < cap < math.inf:
-        raise ConfigError(f"epsilon-cap={eps_value} in {eps_source} must be a finite number > 0")
-    delta_value, delta_source = values["delta"]
-    delta = _number(delta_value, "delta", delta_source)
-    if not 0 < delta < 1:
-        raise ConfigError(f"delta={delta_value} in {delta_source} must be in (0, 1), e.g. 1e-5 (< 1/N)")
-    return SitePolicy(epsilon_cap=cap, delta=delta)
+# ---- budget -------------------------------------------------------------------------
 
 
 def budget_check(
-    policy: SitePolicy,
+    epsilon_cap: float,
+    delta: float,
     history: list[Step],
     noise_multiplier: float,
     sample_rate: float,
@@ -382,13 +288,13 @@ def budget_check(
 
     Returns:
         (ok, projected_epsilon, reason): ok is False exactly when the projected epsilon (at
-        policy.delta) exceeds policy.epsilon_cap; reason is "" when ok, else one line to send
+        ``delta``, the hospital's) exceeds ``epsilon_cap`` (the hospital's site policy); reason is "" when ok, else one line to send
         back to the server instead of weights.
     """
-    projected = projected_epsilon(history, noise_multiplier, sample_rate, steps, policy.delta, accountant)
-    if projected <= policy.epsilon_cap:
+    projected = projected_epsilon(history, noise_multiplier, sample_rate, steps, delta, accountant)
+    if projected <= epsilon_cap:
         return True, projected, ""
     return False, projected, (
         f"privacy budget: this round would bring epsilon to {projected:.3f} > site cap "
-        f"{policy.epsilon_cap:g} (delta={policy.delta:g}); the hospital sits this round out"
+        f"{epsilon_cap:g} (delta={delta:g}); the hospital sits this round out"
     )

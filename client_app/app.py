@@ -1,51 +1,47 @@
-"""CareFL ClientApp (Flower 1.41 Message API): one hospital, messages <-> ``carefl.hospital``.
+"""CareFL ClientApp (Flower 1.41 Message API): one hospital, messages <-> ``carefl.hospital.handle``.
 
-The hospital's own settings come from its SuperNode's node config (never from the server):
-``hospital``, ``data-path``, ``state-dir``, ``epsilon-cap``, ``delta``, ``site-policy``,
-``torch-threads``.
+Everything a hospital's privacy rests on comes from its SuperNode's node config (its operator's,
+see ``carefl/site.py``); from the server it takes only the request JSON (checked against
+``carefl/request.py``) and the global model.
+
+Message content in: ``arrays`` (ArrayRecord, the global model), ``config`` (ConfigRecord,
+``request``: JSON text). Out: ``status`` (ConfigRecord: ``hospital``, ``status`` ok | refused,
+``reason``, ``receipt``: signed receipt JSON or ""), ``metrics`` (MetricRecord) and, for a
+trained round, ``arrays``.
 """
 
 from __future__ import annotations
 
-import torch
+import json
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from carefl.config import from_json
-from carefl.hospital import evaluate_round, identify, train_round
+from carefl.hospital import EVALUATE, TRAIN, handle
 
 app = ClientApp()
 
 
-def _request(msg: Message, context: Context):
-    config = msg.content["config"]
-    cfg = from_json(str(config["cfg"]))
-    torch.set_num_threads(int(context.node_config.get("torch-threads", cfg.federation.torch_threads)))
-    hospital = identify(cfg, context.node_config, str(config["run-dir"]))
-    state = msg.content["arrays"].to_torch_state_dict()
-    return cfg, hospital, state, int(config["round"])
-
-
-def _status(hospital: str, status: str = "ok", reason: str = "") -> ConfigRecord:
-    return ConfigRecord({"hospital": hospital, "status": status, "reason": reason})
-
-
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Train the received global model locally (DP-SGD if enabled) or refuse on budget."""
-    cfg, hospital, state, server_round = _request(msg, context)
-    reply = train_round(cfg, hospital, state, server_round)
-    metrics = {**reply.metrics, "simulated": float(hospital.simulated)}
-    content = RecordDict({"metrics": MetricRecord(metrics), "status": _status(reply.hospital, reply.status, reply.reason)})
+def _reply(msg: Message, context: Context, kind: str) -> Message:
+    request = msg.content["config"].get("request") if "config" in msg.content else None
+    state = msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else {}
+    reply = handle(kind, request, state, context.node_config)
+    status = ConfigRecord({"hospital": reply.hospital, "status": reply.status, "reason": reply.reason,
+                           "receipt": json.dumps(reply.receipt) if reply.receipt is not None else ""})
+    content = RecordDict({"metrics": MetricRecord(reply.metrics), "status": status})
     if reply.state is not None:
         content["arrays"] = ArrayRecord(reply.state)
     return Message(content=content, reply_to=msg)
 
 
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model locally (DP-SGD unless the hospital's policy allows
+    otherwise and the request asks so), or refuse with the reason."""
+    return _reply(msg, context, TRAIN)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this hospital's held-out split."""
-    cfg, hospital, state, _ = _request(msg, context)
-    metrics = evaluate_round(cfg, hospital, state)
-    content = RecordDict({"metrics": MetricRecord(metrics), "status": _status(hospital.name)})
-    return Message(content=content, reply_to=msg)
+    return _reply(msg, context, EVALUATE)

@@ -22,7 +22,8 @@ from omegaconf import DictConfig
 from carefl.config import CONF_DIR, compose_config, validate
 from carefl.errors import CareFLError
 from client_app.app import app as client_app
-from server_app.app import _setup_logging, log, run_federation
+from carefl.rounds import log, run_federation
+from server_app.app import FlowerTransport, _setup_logging
 
 
 def simulate(cfg: DictConfig, overrides: list[str] = (), cpus_per_hospital: float = 1.0) -> None:
@@ -36,7 +37,7 @@ def simulate(cfg: DictConfig, overrides: list[str] = (), cpus_per_hospital: floa
     def _main(grid: Grid, context: Context) -> None:
         _setup_logging()
         try:
-            run_federation(grid, cfg, overrides)
+            run_federation(FlowerTransport(grid), cfg, overrides)
         except CareFLError as err:
             log.error("%s", err)
             raise

@@ -190,8 +190,10 @@ class Deployment:
         wait_until(listening, 60, "the SuperLink to listen", self.procs.tails)
 
     def start_supernode(self, hospital: str, **config: str) -> str:
-        """One ``flower-supernode`` for ``hospital`` (node config ``hospital`` + ``config``);
-        returns its process name. Waits until it has registered with the SuperLink."""
+        """One ``flower-supernode`` for ``hospital`` (node config ``hospital`` + ``config``, with
+        the demo budget ``epsilon-cap=8 delta=1e-5`` unless ``config`` sets its own: a real
+        SuperNode must set both); returns its process name. Waits until it has registered."""
+        config = {"epsilon_cap": "8.0", "delta": "1e-5", **config}
         name = f"supernode-{hospital}"
         (runtime_port,) = free_ports(1)
         self.procs.start(name, [

@@ -15,9 +15,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from carefl import hospital, privacy
+from carefl import budget, hospital, privacy
 from carefl.config import compose_config
 from carefl.models import build_model
+from carefl.receipts import KEY_FILE, LOG_FILE, ReceiptLog, SigningKey
+from carefl.request import build_request, simulation_section
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
@@ -85,19 +87,23 @@ def test_sigma_is_calibrated_once_per_state_dir(tmp_path, monkeypatch):
 
 def test_reported_epsilon_and_timings(tmp_path):
     """The reused projection is exactly the epsilon of the history the hospital saved."""
-    cfg = compose_config([*TINY, "privacy.noise_multiplier=1.0"])
-    h = hospital.identify(cfg, {"partition-id": 0, "num-partitions": 3}, str(tmp_path))
+    cfg = compose_config([*TINY, "privacy.noise_multiplier=1.0", f"output_dir={tmp_path}"])
+    node = {"partition-id": 0, "num-partitions": 3}
     state = build_model(cfg).state_dict()
     for server_round in (1, 2):
-        reply = hospital.train_round(cfg, h, state, server_round)
-        saved = privacy.epsilon(privacy.load_history(h.state_dir), reply.metrics["delta"], cfg.privacy.accountant)
+        request = build_request(cfg, server_round, "0" * 64, None, simulation_section(cfg, str(tmp_path)))
+        reply = hospital.handle(hospital.TRAIN, request, state, node)
+        state_dir = tmp_path / "hospitals" / "st-mary"
+        key = SigningKey.load_or_create(state_dir / KEY_FILE)
+        saved = privacy.epsilon(budget.load(state_dir, key, ReceiptLog(state_dir / LOG_FILE)), reply.metrics["delta"],
+                                cfg.privacy.accountant)
         assert reply.metrics["epsilon"] == pytest.approx(saved, rel=1e-9)
         assert _positive(reply.metrics["train_seconds"])
-    assert _positive(hospital.evaluate_round(cfg, h, state)["eval_seconds"])
+    assert _positive(hospital.handle(hospital.EVALUATE, request, state, node).metrics["eval_seconds"])
 
 
 class _SlowGrid:
-    """A Grid whose replies come back one per poll (message ids "0".."n-1", hospital hN)."""
+    """A Grid whose replies come back one per poll (message ids "0".."n-1")."""
 
     def __init__(self):
         self.sent, self.polls = [], 0
@@ -108,20 +114,17 @@ class _SlowGrid:
 
     def pull_messages(self, ids):
         self.polls += 1
-        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i), has_error=lambda: False,
-                                content={"status": {"hospital": f"h{i}"}}) for i in sorted(ids)[:1]]
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i, src_node_id=int(i)),
+                                has_error=lambda: False, content={}) for i in sorted(ids)[:1]]
 
 
-def test_broadcast_collects_every_reply_and_honours_the_timeout(monkeypatch):
-    from flwr.app import RecordDict
-
+def test_exchange_collects_every_reply_and_honours_the_timeout(monkeypatch):
     from server_app import app
 
     monkeypatch.setattr(app, "Message", lambda **fields: SimpleNamespace(**fields))  # no run outside Flower
-    _broadcast = app._broadcast
     grid = _SlowGrid()
-    replies = _broadcast(grid, [1, 2, 3], "train", RecordDict(), 1, 60.0, ["h0", "h1", "h2"])
-    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["0", "1", "2"]
+    replies = list(app.FlowerTransport(grid).exchange("train", [1, 2, 3], "{}", {}, 1, 60.0))
+    assert sorted(r.node_id for r in replies) == [0, 1, 2]
     assert len(grid.sent) == 3 and grid.polls == 3
 
     class _Silent(_SlowGrid):
@@ -130,7 +133,7 @@ def test_broadcast_collects_every_reply_and_honours_the_timeout(monkeypatch):
             return []
 
     silent = _Silent()
-    assert _broadcast(silent, [1, 2], "train", RecordDict(), 1, 0.05, ["h0", "h1"]) == []
+    assert list(app.FlowerTransport(silent).exchange("train", [1, 2], "{}", {}, 1, 0.05)) == []
     assert silent.polls >= 1  # polled, then gave up at the timeout (how often depends on load: not asserted)
 
 

@@ -40,9 +40,10 @@ def write_site(directory: Path, n_train: int, n_test: int, seed: int) -> str:
 
 @pytest.mark.slow
 def test_deployment_two_rounds_on_each_hospitals_own_nifti_data(deployment: Deployment, tmp_path: Path):
-    """Two hospitals train on their own NIfTI datalists (``data-path``); the third one's
-    datalist points outside its data directory (a hostile or broken site): it is left out
-    every round with its reason in the server log, and the federation completes without it."""
+    """Two hospitals train with DP-SGD on their own NIfTI datalists (``data-path``); the third
+    one's datalist points outside its data directory (a hostile or broken site): it refuses
+    every round with the reason, signed, in the server's records, and the federation
+    completes without it. Every hospital's receipt log agrees with the server's ledger."""
     deployment.start_superlink()
     for i, (hospital, (n_train, n_test)) in enumerate(SIZES.items()):
         datalist = write_site(tmp_path / "sites" / hospital, n_train, n_test, seed=i)
@@ -53,7 +54,7 @@ def test_deployment_two_rounds_on_each_hospitals_own_nifti_data(deployment: Depl
 
     out = tmp_path / "out"
     run_id = deployment.submit(
-        f"federation.rounds=2 data=decathlon data.spatial_size=[32,32] privacy=none federation.baselines=false "
+        f"federation.rounds=2 data=decathlon data.spatial_size=[32,32] federation.baselines=false "
         f"federation.round_timeout_s=120 output_dir={out} run_id=dep"
     )
     metrics = deployment.wait_for_run(run_id, out / "dep", timeout=400)
@@ -62,10 +63,15 @@ def test_deployment_two_rounds_on_each_hospitals_own_nifti_data(deployment: Depl
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
     for record in metrics["rounds"]:
         # each hospital trained on exactly the images its own node's datalist lists
-        assert {h: m["num_examples"] for h, m in record["train"].items()} == {h: n for h, (n, _) in SIZES.items()}
+        trained = {h: m for h, m in record["train"].items() if m["status"] == "ok"}
+        assert {h: m["num_examples"] for h, m in trained.items()} == {h: n for h, (n, _) in SIZES.items()}
         assert {h: m["num_examples"] for h, m in record["eval"].items()} == {h: n for h, (_, n) in SIZES.items()}
-        assert all(m["status"] == "ok" for m in record["train"].values())
-    verify = subprocess.run([str(BIN / "carefl-verify"), str(out / "dep")], capture_output=True, text=True, timeout=60)
+        assert all(0 < m["epsilon"] <= 8.0 and "train_loss" not in m for m in trained.values())  # DP, no raw loss
+        assert record["train"]["northfield"]["status"] == "refused"
+        assert "points outside the datalist's directory" in record["train"]["northfield"]["reason"]
+    logs = [str(tmp_path / "state" / h / "receipts.jsonl") for h in ("st-mary", "riverside", "northfield")]
+    verify = subprocess.run([str(BIN / "carefl-verify"), str(out / "dep"), "--receipts", *logs],
+                            capture_output=True, text=True, timeout=60)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     log = deployment.log(run_id)
     assert "northfield" in log and "points outside the datalist's directory" in log, log

@@ -1,6 +1,5 @@
-"""carefl.privacy: accountant persistence, independent epsilon cross-checks, budget, site policy."""
+"""carefl.privacy: restored accountants, independent epsilon cross-checks, budget, DP randomness."""
 
-import json
 import warnings
 
 import dp_accounting
@@ -9,21 +8,11 @@ import torch
 from dp_accounting import pld, rdp
 from torch.utils.data import DataLoader, TensorDataset
 
+from carefl import budget
 from carefl.errors import ConfigError
 from carefl.models import plain_state_dict
-from carefl.privacy import (
-    HISTORY_FILE,
-    SitePolicy,
-    budget_check,
-    calibrate_noise,
-    epsilon,
-    load_history,
-    make_private,
-    projected_epsilon,
-    sample_rate,
-    save_history,
-    site_policy,
-)
+from carefl.privacy import budget_check, calibrate_noise, epsilon, make_private, projected_epsilon, sample_rate
+from carefl.receipts import LOG_FILE, ReceiptLog, SigningKey
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
@@ -58,17 +47,18 @@ def _dp_accounting_eps(history, delta, kind):
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_restored_history_per_round_equals_one_continuous_history(tmp_path, accountant):
     rounds, q = 3, sample_rate(N, BATCH)
+    key, log = SigningKey.load_or_create(tmp_path / "key.pem"), ReceiptLog(tmp_path / LOG_FILE)
     eps_per_round = []
     for r in range(rounds):
         model, opt, loader = _fresh()  # everything re-created each round, as in a ClientApp
-        history = load_history(tmp_path, expect_existing=r > 0)
+        history = budget.load(tmp_path, key, log)
         predicted = projected_epsilon(history, SIGMA, q, len(loader), DELTA, accountant)
         model, opt, loader, engine = make_private(
             model, opt, loader, noise_multiplier=SIGMA, max_grad_norm=C,
             accountant=accountant, history=history)
         _train_epochs(model, opt, loader, 1)
-        save_history(tmp_path, engine.accountant.history)
-        eps_per_round.append(epsilon(load_history(tmp_path), DELTA, accountant))
+        budget.save(tmp_path, key, engine.accountant.history)
+        eps_per_round.append(epsilon(budget.load(tmp_path, key, log), DELTA, accountant))
         assert eps_per_round[-1] == pytest.approx(predicted, rel=1e-9)  # projection is exact
 
     model, opt, loader = _fresh()
@@ -76,7 +66,7 @@ def test_restored_history_per_round_equals_one_continuous_history(tmp_path, acco
         model, opt, loader, noise_multiplier=SIGMA, max_grad_norm=C, accountant=accountant)
     _train_epochs(model, opt, loader, rounds)
 
-    assert load_history(tmp_path) == engine.accountant.history == [(SIGMA, q, rounds * int(1 / q))]
+    assert budget.load(tmp_path, key, log) == engine.accountant.history == [(SIGMA, q, rounds * int(1 / q))]
     assert eps_per_round[-1] == epsilon(engine.accountant.history, DELTA, accountant)
     assert eps_per_round[0] < eps_per_round[1] < eps_per_round[2]  # epsilon never restarts
 
@@ -101,11 +91,11 @@ def test_budget_check_refuses_exactly_when_projection_crosses_cap():
     sigma, q, steps = 1.0, 0.05, 40  # one round = 40 steps
     eps2 = epsilon([(sigma, q, 2 * steps)], DELTA, "rdp")
     eps3 = epsilon([(sigma, q, 3 * steps)], DELTA, "rdp")
-    policy = SitePolicy(epsilon_cap=(eps2 + eps3) / 2, delta=DELTA)  # room for 2 rounds, not 3
+    cap = (eps2 + eps3) / 2  # room for 2 rounds, not 3
 
     history, verdicts = [], []
     for _ in range(3):
-        ok, projected, reason = budget_check(policy, history, sigma, q, steps, "rdp")
+        ok, projected, reason = budget_check(cap, DELTA, history, sigma, q, steps, "rdp")
         verdicts.append(ok)
         assert (reason == "") == ok
         if ok:  # the round is trained: the accountant merges it into one entry
@@ -114,66 +104,8 @@ def test_budget_check_refuses_exactly_when_projection_crosses_cap():
     assert projected == pytest.approx(eps3) and "cap" in reason
 
     # the boundary itself: a cap equal to the projection passes, a hair below refuses
-    assert budget_check(SitePolicy(eps2, DELTA), [(sigma, q, steps)], sigma, q, steps, "rdp")[0]
-    assert not budget_check(SitePolicy(eps2 * (1 - 1e-9), DELTA), [(sigma, q, steps)], sigma, q, steps, "rdp")[0]
-
-
-def test_site_policy_hospital_values_win_and_server_cannot_raise_cap(tmp_path):
-    ask = dict(requested_epsilon=8.0, requested_delta=1e-5)
-    assert site_policy({}, **ask) == SitePolicy(8.0, 1e-5)  # silent hospital: the plan is the cap
-    assert site_policy({"epsilon-cap": 3.0}, **ask) == SitePolicy(3.0, 1e-5)
-    assert site_policy({"epsilon-cap": "3"}, requested_epsilon=1e6, requested_delta=1e-3).epsilon_cap == 3.0
-
-    policy_file = tmp_path / "policy.yaml"
-    policy_file.write_text("epsilon-cap: 2.0\ndelta: 1.0e-6\n")
-    assert site_policy({"site-policy": str(policy_file)}, **ask) == SitePolicy(2.0, 1e-6)
-    assert site_policy({"site-policy": str(policy_file), "delta": "1e-7"}, **ask) == SitePolicy(2.0, 1e-7)
-    json_file = tmp_path / "policy.json"
-    json_file.write_text(json.dumps({"epsilon-cap": 4}))
-    assert site_policy({"site-policy": str(json_file)}, requested_epsilon=50.0, requested_delta=1e-5) \
-        == SitePolicy(4.0, 1e-5)
-
-
-@pytest.mark.parametrize("node_config, file_text, names", [
-    ({"epsilon-cap": -1.0}, None, ["epsilon-cap", "node config"]),
-    ({"epsilon-cap": "lots"}, None, ["epsilon-cap", "not a number"]),
-    ({"delta": 1.0}, None, ["delta", "node config"]),
-    ({"delta": 0}, None, ["delta"]),
-    ({}, "delta: 1.5\n", ["delta", "policy.yaml"]),
-    ({}, "epsilon-cap: 0\n", ["epsilon-cap", "policy.yaml"]),
-    ({}, "epsilon_cap: 2\n", ["policy.yaml", "epsilon-cap"]),  # typo'd key is not ignored
-    ({}, "epsilon-cap: [unclosed\n", ["policy.yaml"]),
-])
-def test_site_policy_rejects_bad_values_naming_key_and_source(tmp_path, node_config, file_text, names):
-    if file_text is not None:
-        (tmp_path / "policy.yaml").write_text(file_text)
-        node_config = {**node_config, "site-policy": str(tmp_path / "policy.yaml")}
-    with pytest.raises(ConfigError) as err:
-        site_policy(node_config, requested_epsilon=8.0, requested_delta=1e-5)
-    assert all(name in str(err.value) for name in names)
-
-
-def test_missing_policy_file_and_bad_server_request_are_named(tmp_path):
-    with pytest.raises(ConfigError, match="nope.yaml"):
-        site_policy({"site-policy": str(tmp_path / "nope.yaml")}, requested_epsilon=8.0, requested_delta=1e-5)
-    with pytest.raises(ConfigError, match="target_delta"):
-        site_policy({"epsilon-cap": 1.0}, requested_epsilon=8.0, requested_delta=2.0)
-
-
-def test_history_file_errors_name_the_file(tmp_path):
-    path = tmp_path / HISTORY_FILE
-    assert load_history(tmp_path) == []
-    with pytest.raises(ConfigError, match=HISTORY_FILE):
-        load_history(tmp_path, expect_existing=True)
-    path.write_text('{"history": [[1.1, 0.1, 3]')  # torn write
-    with pytest.raises(ConfigError, match="corrupt"):
-        load_history(tmp_path)
-    path.write_text('{"history": [[1.1, 2.0, 3]]}')  # q > 1
-    with pytest.raises(ConfigError, match=HISTORY_FILE):
-        load_history(tmp_path)
-    save_history(tmp_path, [(1.1, 0.1, 3), (0.9, 0.1, 2)])
-    assert load_history(tmp_path, expect_existing=True) == [(1.1, 0.1, 3), (0.9, 0.1, 2)]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [HISTORY_FILE]  # no tmp file left
+    assert budget_check(eps2, DELTA, [(sigma, q, steps)], sigma, q, steps, "rdp")[0]
+    assert not budget_check(eps2 * (1 - 1e-9), DELTA, [(sigma, q, steps)], sigma, q, steps, "rdp")[0]
 
 
 def test_state_dict_sent_is_the_plain_models():
@@ -195,6 +127,35 @@ def test_bad_privacy_settings_raise_config_errors():
         make_private(model, opt, loader, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="ghost")
     with pytest.raises(ConfigError, match="privacy.target_delta"):
         calibrate_noise(8.0, 1.5, 0.1, 100)
+
+
+def _one_dp_step(noise_multiplier=SIGMA, batch_size=BATCH):
+    """(indices of the Poisson batch, model weights after one DP-SGD step) on the same config,
+    the same initial model and an identically seeded global RNG."""
+    model, opt, _ = _fresh()
+    indexed = TensorDataset(torch.arange(N), DATA.tensors[0], DATA.tensors[1])
+    model, opt, loader, _ = make_private(model, opt, DataLoader(indexed, batch_size=batch_size),
+                                         noise_multiplier=noise_multiplier, max_grad_norm=C)
+    torch.manual_seed(0)  # whatever the process' global RNG holds, DP draws do not use it
+    idx, x, y = next(iter(loader))
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    return frozenset(idx.tolist()), torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_dp_batches_and_noise_come_from_os_entropy_not_from_the_config():
+    """Two runs with identical config (and an identically seeded global RNG) draw different
+    Poisson batches and different noise: nobody who knows the config can predict them."""
+    batches = {_one_dp_step()[0] for _ in range(4)}
+    assert len(batches) > 1  # q = 1/6 over 48 records: 4 equal batches have probability ~ 0
+    # q = 1 (batch = all records): the batch is fixed, so runs differ only by their noise
+    _, a = _one_dp_step(batch_size=N)
+    _, b = _one_dp_step(batch_size=N)
+    _, quiet_a = _one_dp_step(noise_multiplier=1e-12, batch_size=N)
+    _, quiet_b = _one_dp_step(noise_multiplier=1e-12, batch_size=N)
+    assert torch.allclose(quiet_a, quiet_b, atol=1e-6)  # same batch, no noise: same step
+    assert (a - b).abs().max() > 1e-3  # same batch, sigma=1.3: the noise differs between runs
 
 
 def test_secure_mode_without_torchcsprng_is_one_clear_config_error():

@@ -18,7 +18,8 @@ from carefl.errors import CareFLError, CheckpointError, ConfigError
 from carefl.federation import Federation
 from carefl.models import build_model
 from conftest import BIN, TINY, Deployment, Processes, process_env, wait_until
-from server_app.app import _wait_for_nodes, main, prepare_run_dir
+from carefl.rounds import prepare_run_dir, wait_for_nodes
+from server_app.app import main
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
@@ -90,15 +91,15 @@ def test_killed_supernode_is_left_out_and_rejoins_a_later_round(deployment: Depl
     its DP accountant history intact in its state dir."""
     hospitals = ["st-mary", "riverside", "northfield"]
     deployment.start_superlink()
-    for h in hospitals:
-        deployment.start_supernode(h, state_dir=str(tmp_path / "state" / h))
+    for i, h in enumerate(hospitals):
+        deployment.start_supernode(h, data_path=f"synthetic:{i}", state_dir=str(tmp_path / "state" / h))
     out, run_dir = tmp_path / "out", tmp_path / "out" / "kill"
     run_id = deployment.submit(f"federation.rounds=3 federation.round_timeout_s=45 federation.min_hospitals=2 "
                                f"{TINY} output_dir={out} run_id=kill")
     wait_until(lambda: (run_dir / "checkpoints" / "round_001.pt").is_file(), 300, "round 1's checkpoint",
                lambda: deployment.log(run_id) + deployment.procs.tails())
     deployment.procs.kill("supernode-northfield")
-    deployment.start_supernode("northfield", state_dir=str(tmp_path / "state" / "northfield"))
+    deployment.start_supernode("northfield", data_path="synthetic:2", state_dir=str(tmp_path / "state" / "northfield"))
     metrics = deployment.wait_for_run(run_id, run_dir, timeout=500)
 
     assert metrics["status"] == "completed"
@@ -142,9 +143,9 @@ def test_too_few_supernodes_names_the_flag_that_starts_more(carefl_log):
     # start 5 instead of only counting, then fails once round_timeout_s is up
     cfg = compose_config(["federation.hospitals=[a,b,c,d,e]", "federation.round_timeout_s=0.1",
                           "federation.min_hospitals=4"])
-    grid = type("ThreeNodes", (), {"get_node_ids": lambda self: [1, 2, 3]})()
+    transport = type("ThreeNodes", (), {"node_ids": lambda self: [1, 2, 3]})()
     with pytest.raises(CareFLError, match="only 3 SuperNode"):
-        _wait_for_nodes(grid, cfg)
+        wait_for_nodes(transport, cfg)
     hints = [r for r in carefl_log.records if '--federation-config "num-supernodes=5"' in r.getMessage()]
     assert len(hints) == 1 and hints[0].levelno == logging.WARNING
 

@@ -2,8 +2,9 @@
 
 Per round, the server does::
 
-    reason = validate_update(hospital, local_state, global_state, max_update_norm)  # drop if not None
+    reason = validate_update(hospital, local_state, global_state, None)  # at the reply edge
     X = flatten_updates(local_states, global_state)          # float32 (n, d)
+    drop = norm_outliers(X, max_update_norm, max_update_norm_ratio)  # absurd norms left out
     result = aggregator(X, claimed_examples)                 # AggResult(update, scores, selected)
     new_global = apply_update(global_state, server_opt.step(result.update))
     signals = round_signals(hospitals, X, result); reputation.update(signals)
@@ -17,7 +18,7 @@ at start. Aggregator, server optimiser and reputation each have ``state_dict()``
 from carefl.robust.aggregator import Aggregator, build_aggregator
 from carefl.robust.assumptions import check_assumptions
 from carefl.robust.base import AggResult, PreAggregator, Rule
-from carefl.robust.checks import validate_update
+from carefl.robust.checks import norm_outliers, validate_update
 from carefl.robust.registry import PRE, RULES
 from carefl.robust.server_opt import SERVER_OPTS, build_server_optimizer
 from carefl.robust.signals import Reputation, round_signals
@@ -38,6 +39,7 @@ __all__ = [
     "check_assumptions",
     "flatten_updates",
     "float_keys",
+    "norm_outliers",
     "round_signals",
     "validate_update",
 ]

@@ -44,3 +44,24 @@ def validate_update(
     if max_update_norm is not None and not norm <= max_update_norm:
         return f"hospital {hospital}: update norm {norm:.4g} exceeds federation.max_update_norm={max_update_norm:.4g}"
     return None
+
+
+def norm_outliers(updates: Tensor, max_norm: float | None, max_ratio: float | None) -> dict[int, str]:
+    """Rows of ``updates`` (float32 ``(n, d)``, one per hospital) whose L2 norm is absurd, with
+    the reason: above ``max_norm`` (``federation.max_update_norm``, weights' units; None = no
+    bound) or above ``max_ratio`` times the median row norm (``federation.max_update_norm_ratio``;
+    None = no bound). With at most f < n/2 Byzantine rows the median is bracketed by honest
+    norms, so no attacker can raise the bound beyond ``max_ratio`` x an honest norm; a
+    scaled-up update is dropped whatever the rule behind it."""
+    if updates.shape[0] == 0:
+        return {}
+    norms = torch.linalg.vector_norm(updates, dim=1).tolist()
+    median = float(torch.tensor(norms).median()) if max_ratio is not None else math.inf
+    out = {}
+    for i, norm in enumerate(norms):
+        if max_norm is not None and not norm <= max_norm:
+            out[i] = f"update norm {norm:.4g} exceeds federation.max_update_norm={max_norm:.4g}"
+        elif max_ratio is not None and not norm <= max_ratio * median:
+            out[i] = (f"update norm {norm:.4g} exceeds federation.max_update_norm_ratio={max_ratio:g} x the round's "
+                      f"median norm {median:.4g}")
+    return out

@@ -1,0 +1,50 @@
+"""In-process transport: the round loop talks to simulated hospitals by function call.
+
+Used by the benchmarks (many federations on 2 cores cannot afford Ray workers) and by tests
+that play a hostile hospital. Every request and reply crosses the same edges as under Flower:
+the request JSON through :func:`carefl.hospital.handle` (schema, site policy, receipt) and the
+reply through :func:`carefl.replies.check_train_reply`. Node ``i + 1`` is the simulated
+SuperNode of partition ``i`` (node config ``partition-id``/``num-partitions``, as Flower's
+simulation engine sets it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+
+from torch import Tensor
+
+from carefl.hospital import HospitalReply, handle
+from carefl.replies import ArrayView, RawReply
+
+
+def raw_reply(node_id: int, reply: HospitalReply) -> RawReply:
+    """What the server would receive for ``reply`` (the ClientApp's three records)."""
+    status = {"hospital": reply.hospital, "status": reply.status, "reason": reply.reason,
+              "receipt": json.dumps(reply.receipt) if reply.receipt is not None else ""}
+    arrays = None
+    if reply.state is not None:
+        arrays = {k: ArrayView(str(v.dtype).removeprefix("torch."), tuple(v.shape), v.numel() * v.element_size(),
+                               lambda v=v: v.clone()) for k, v in reply.state.items()}
+    return RawReply(node_id, status=status, metrics=dict(reply.metrics), arrays=arrays)
+
+
+class LocalTransport:
+    """``n`` simulated hospitals in this process. ``tamper(node_id, kind, raw) -> raw`` (tests)
+    may replace what a node sends, to play a hostile hospital."""
+
+    simulated = True
+
+    def __init__(self, n: int, tamper: Callable[[int, str, RawReply], RawReply] | None = None) -> None:
+        self.n, self.tamper = n, tamper
+
+    def node_ids(self) -> list[int]:
+        return list(range(1, self.n + 1))
+
+    def exchange(self, kind: str, node_ids: list[int], request: str, state: dict[str, Tensor],
+                 server_round: int, timeout: float) -> Iterator[RawReply]:
+        for node in node_ids:
+            reply = handle(kind, request, state, {"partition-id": node - 1, "num-partitions": self.n})
+            raw = raw_reply(node, reply)
+            yield self.tamper(node, kind, raw) if self.tamper else raw

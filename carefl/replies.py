@@ -1,0 +1,265 @@
+"""The reply the server receives: one schema, checked once, as the first step of the round loop.
+
+A hospital (or whoever answers in its name) may send anything. :func:`check_train_reply` and
+:func:`check_eval_reply` turn a :class:`RawReply` into a :class:`TrainReply` / metrics dict or
+a one-line reason; nothing behind them re-checks. A bad reply never fails the run: it leaves
+that hospital out of the round with the logged reason.
+
+Who a reply is from. A training reply counts as hospital H's only if it carries a receipt
+signed by H's key (:mod:`carefl.receipts`): the key registered for H in
+``federation.hospital_keys``, or -- when H is not registered -- the key H used first in this
+run (trust on first use, pinned in the ledger through every receipt it signs). A node that
+answers under another hospital's name without its key is recorded as an unauthenticated
+reply and changes nothing of H's record; a second reply as H in one round is dropped. An
+evaluation reply is attributed by the node id that sent H's authenticated training reply.
+
+What a training reply must hold (else H is left out of the round, reason logged):
+
+- ``status``: ``hospital`` (a listed name), ``status`` ok | refused, ``reason`` (text),
+  ``receipt`` (JSON, at most :data:`MAX_RECEIPT_CHARS`) for this run, this round and the
+  global model the server sent, whose ``num_examples``, ``epsilon`` and ``update_hash`` agree
+  with the reply;
+- ``metrics``: only the keys of :data:`TRAIN_METRICS`, finite numbers in range;
+  ``num_examples`` a whole number in [1, :data:`MAX_EXAMPLES`] for an ``ok`` reply;
+  ``train_loss`` only when DP is off (under DP it is an unnoised statistic of the data);
+- ``arrays`` (``ok`` only): exactly the global model's keys, each declared with its dtype and
+  shape and no larger than that, checked BEFORE it is deserialised; after loading, dtype,
+  shape and finiteness again (:func:`carefl.robust.validate_update`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from carefl import robust
+from carefl.ledger import hash_state_dict
+from carefl.receipts import receipt_problem
+from carefl.request import NAME
+
+MAX_RECEIPT_CHARS = 16384
+MAX_REASON_CHARS = 2000
+MAX_EXAMPLES = 10**8
+#: a declared array may exceed its raw size by at most this (the .npy header), in bytes
+NPY_HEADER_SLACK = 4096
+#: metric key -> (low, high) of a training reply
+TRAIN_METRICS = {
+    "num_examples": (0.0, MAX_EXAMPLES), "steps": (0.0, 1e9), "train_seconds": (0.0, 1e7),
+    "epsilon": (0.0, 1e6), "delta": (0.0, 1.0), "noise_multiplier": (0.0, 1e6), "epsilon_cap": (0.0, math.inf),
+    "train_loss": (-1e9, 1e9),
+}
+
+
+@dataclass(frozen=True)
+class ArrayView:
+    """One array of a reply, before it is deserialised: declared ``dtype`` (numpy name, e.g.
+    ``float32``), ``shape``, ``nbytes`` of its serialised form, and ``load()`` -> Tensor."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    load: Callable[[], Tensor]
+
+
+@dataclass
+class RawReply:
+    """A reply as the transport delivers it: the sending node, an error (the node failed), or
+    the three records a CareFL ClientApp sends (plain mappings; values not yet trusted)."""
+
+    node_id: int
+    error: str | None = None
+    status: Mapping[str, Any] | None = None
+    metrics: Mapping[str, Any] | None = None
+    arrays: Mapping[str, ArrayView] | None = None
+
+
+@dataclass
+class TrainReply:
+    """A checked training reply of hospital ``hospital``.
+
+    ``status``: ``ok`` (``state`` holds its model), ``refused`` (the hospital declined: budget,
+    policy), ``invalid`` (its reply broke the schema; ``reason`` says how) or ``no-reply``.
+    ``metrics``: checked floats (see :data:`TRAIN_METRICS`). ``receipt``: its signed receipt,
+    stored verbatim in the ledger (None if it sent none that verifies).
+    """
+
+    hospital: str
+    status: str
+    reason: str = ""
+    state: dict[str, Tensor] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    receipt: dict | None = None
+    node_id: int | None = None
+
+
+@dataclass
+class RoundContext:
+    """What the server knows when a round's replies arrive.
+
+    ``keys``: hospital -> base64 Ed25519 public key, registered (``federation.hospital_keys``)
+    or pinned at first use in this run; :func:`check_train_reply` pins new ones here.
+    ``answered``: hospitals with an authenticated reply this round.
+    """
+
+    hospitals: list[str]
+    run_id: str
+    round: int
+    global_state: Mapping[str, Tensor]
+    model_hash: str
+    dp: bool
+    keys: dict[str, str]
+    registered: frozenset[str]
+    answered: set[str] = field(default_factory=set)
+
+
+def _text(record: Mapping[str, Any], key: str, limit: int) -> str | None:
+    value = record.get(key)
+    return value if isinstance(value, str) and len(value) <= limit else None
+
+
+def _metrics_problem(metrics: Any, status: str, dp: bool) -> str | None:
+    if not isinstance(metrics, Mapping):
+        return "metrics are missing"
+    for key, value in metrics.items():
+        if key not in TRAIN_METRICS:
+            return f"metric {key!r} is not one a training reply may carry"
+        low, high = TRAIN_METRICS[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) and value != high:
+            return f"metric {key}={value!r:.40} is not a finite number"
+        if not low <= value <= high:
+            return f"metric {key}={value:g} is outside [{low:g}, {high:g}]"
+    n = metrics.get("num_examples")
+    if n is None or n != int(n) or (status == "ok" and n < 1):
+        return f"metric num_examples={n!r:.40} must be a whole number >= 1"
+    if dp and "train_loss" in metrics:
+        return "train_loss under DP-SGD is an unnoised statistic of the training set; a hospital must not send it"
+    if dp and status == "ok" and "epsilon" not in metrics:
+        return "a DP-SGD round must report its epsilon"
+    return None
+
+
+def _arrays_problem(arrays: Any, global_state: Mapping[str, Tensor]) -> str | None:
+    """Check the declared arrays against the global model before anything is deserialised."""
+    if not isinstance(arrays, Mapping):
+        return "an ok reply without model weights"
+    if set(arrays) != set(global_state):
+        missing, extra = sorted(set(global_state) - set(arrays)), sorted(set(arrays) - set(global_state))
+        return f"model keys differ from the global model (missing {missing[:3]}, extra {[str(k)[:40] for k in extra[:3]]})"
+    for key, g in global_state.items():
+        view = arrays[key]
+        expected = g.numel() * g.element_size()
+        if (view.dtype != str(g.dtype).removeprefix("torch.") or tuple(view.shape) != tuple(g.shape)
+                or not 0 <= view.nbytes <= expected + NPY_HEADER_SLACK):
+            return (f"{key} is declared {view.dtype} {tuple(view.shape)} ({view.nbytes} bytes), expected "
+                    f"{str(g.dtype).removeprefix('torch.')} {tuple(g.shape)}")
+    return None
+
+
+def check_train_reply(raw: RawReply, ctx: RoundContext) -> tuple[TrainReply | None, str]:
+    """Check one training reply.
+
+    Returns:
+        ``(reply, "")`` for a reply authenticated as a hospital (its ``status`` may be
+        ``invalid`` with the reason), or ``(None, why)`` for a reply that cannot be attributed
+        to any hospital (node error, no or bad receipt, duplicate): it is logged, not recorded.
+    """
+    if raw.error is not None:
+        return None, f"node {raw.node_id} failed: {str(raw.error)[:300]}"
+    status = raw.status if isinstance(raw.status, Mapping) else {}
+    name, text = _text(status, "hospital", 64), _text(status, "receipt", MAX_RECEIPT_CHARS)
+    if name is None or name not in ctx.hospitals:
+        return None, f"node {raw.node_id} answered as {str(status.get('hospital'))[:64]!r}, not a hospital in federation.hospitals"
+    try:
+        receipt = json.loads(text) if text else None
+    except ValueError:
+        receipt = None
+    key = ctx.keys.get(name)
+    if name in ctx.registered or key is not None:
+        problem = receipt_problem(receipt, key)
+    else:
+        problem = receipt_problem(receipt)
+    if problem is None:
+        problem = _receipt_mismatch(receipt, name, ctx)
+    if problem:
+        return None, f"node {raw.node_id} answered as {name} without a valid receipt signed by {name}'s key: {problem}"
+    if name in ctx.answered:
+        return None, f"node {raw.node_id}: a second reply as {name} in round {ctx.round} is dropped"
+    ctx.answered.add(name)
+    ctx.keys.setdefault(name, receipt["public_key"])
+    reply = TrainReply(name, "invalid", receipt=receipt, node_id=raw.node_id)
+    state_word = status.get("status")
+    reason = _text(status, "reason", MAX_REASON_CHARS)
+    if state_word not in ("ok", "refused") or reason is None:
+        reply.reason = f"{name}: status {str(state_word)[:20]!r} / reason is not ok|refused with a short text"
+        return reply, ""
+    problem = _metrics_problem(raw.metrics, state_word, ctx.dp)
+    if problem is None and (receipt["num_examples"] != raw.metrics["num_examples"] or receipt["epsilon"] != raw.metrics.get("epsilon")):
+        problem = "metrics num_examples / epsilon differ from what its receipt signs"
+    if problem:
+        reply.reason = f"{name}: {problem}"
+        return reply, ""
+    reply.metrics = {k: float(v) for k, v in raw.metrics.items()}
+    if state_word == "refused":
+        reply.status, reply.reason = "refused", reason or f"{name} refused"
+        return reply, ""
+    problem = _arrays_problem(raw.arrays, ctx.global_state)
+    if problem is None:
+        try:
+            state = {k: raw.arrays[k].load() for k in ctx.global_state}
+        except Exception as err:  # a malformed .npy payload: whatever numpy raises
+            problem = f"model weights cannot be read ({type(err).__name__})"
+        else:
+            problem = robust.validate_update(name, state, ctx.global_state, None)
+            if problem is None and hash_state_dict(state) != receipt["update_hash"]:
+                problem = "the weights sent are not the ones its receipt signs (update_hash)"
+    if problem:
+        reply.reason = problem if problem.startswith("hospital ") else f"{name}: {problem}"
+        return reply, ""
+    reply.status, reply.reason, reply.state = "ok", "", state
+    return reply, ""
+
+
+def _receipt_mismatch(receipt: dict, name: str, ctx: RoundContext) -> str | None:
+    checks = (
+        (receipt["hospital"] == name, "it names another hospital"),
+        (receipt["run_id"] == ctx.run_id, "it is for another run"),
+        (receipt["round"] == ctx.round, f"it is for round {receipt['round']}"),
+        (receipt["model_received"] == ctx.model_hash, "it signs another global model than the one sent"),
+    )
+    return next((why for ok, why in checks if not ok), None)
+
+
+def check_eval_reply(raw: RawReply, names: Mapping[int, str], metric_names: tuple[str, ...]) -> tuple[str | None, dict | str]:
+    """``(hospital, metrics)`` of a valid evaluation reply, or ``(hospital or None, reason)``.
+
+    The hospital is the one whose authenticated training reply came from ``raw.node_id``
+    this round (``names``); the reply must carry every metric of the task in [0, 1] and a
+    whole ``num_examples`` >= 1, all finite.
+    """
+    name = names.get(raw.node_id)
+    if raw.error is not None:
+        return name, f"evaluation failed at {name or f'node {raw.node_id}'}: {str(raw.error)[:300]}"
+    status = raw.status if isinstance(raw.status, Mapping) else {}
+    if name is None or status.get("hospital") != name:
+        return None, f"node {raw.node_id} sent an evaluation as {str(status.get('hospital'))[:64]!r} without training as it this round"
+    if status.get("status") != "ok":
+        return name, f"{name} did not evaluate: {str(status.get('reason'))[:300]}"
+    metrics = raw.metrics if isinstance(raw.metrics, Mapping) else {}
+    allowed = {*metric_names, "num_examples", "eval_seconds", "loss"}
+    for key, value in metrics.items():
+        if key not in allowed or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return name, f"{name}: evaluation metric {str(key)[:40]}={value!r:.40} is unknown or not a finite number"
+    missing = [m for m in (*metric_names, "num_examples") if m not in metrics]
+    if missing:
+        return name, f"{name}: evaluation lacks {missing}"
+    if any(not 0 <= metrics[m] <= 1 for m in metric_names):
+        return name, f"{name}: evaluation metrics {[metrics[m] for m in metric_names]} are outside [0, 1]"
+    n = metrics["num_examples"]
+    if n != int(n) or not 1 <= n <= MAX_EXAMPLES:
+        return name, f"{name}: evaluation num_examples={n} must be a whole number >= 1"
+    return name, {k: float(v) for k, v in metrics.items()}

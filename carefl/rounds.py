@@ -1,0 +1,261 @@
+"""The one round loop: broadcast -> collect -> check replies -> aggregate -> checkpoint -> ledger -> evaluate.
+
+The ServerApp (``server_app/app.py``: Flower's send/receive), ``carefl-sim`` (the same
+ServerApp on Flower's simulation engine) and the benchmarks (:mod:`carefl.local_transport`,
+in-process) all call :func:`run_federation`; they differ only in the :class:`Transport`.
+
+Per round r:
+
+1. build the request (:func:`carefl.request.build_request`: the narrow schema, with the
+   server-signed ledger head of the last entry) and send it with the global model;
+2. check every training reply as it arrives (:func:`carefl.replies.check_train_reply`; the
+   first step, and the only place replies are trusted or not); stop waiting once every listed
+   hospital answered with its key, or at ``federation.round_timeout_s``;
+3. aggregate (:class:`carefl.federation.Federation`): left-out reasons, robust rule, server
+   optimiser, ledger entry with each hospital's signed receipt verbatim;
+4. evaluate the new model at the hospitals that trained (replies checked by
+   :func:`carefl.replies.check_eval_reply`), checkpoint, log one progress line.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from carefl.config import validate
+from carefl.errors import CareFLError, ConfigError
+from carefl.federation import Federation, FederationStopped
+from carefl.ledger import hash_state_dict
+from carefl.receipts import SigningKey, sign_head
+from carefl.replies import RawReply, RoundContext, TrainReply, check_eval_reply, check_train_reply
+from carefl.request import build_request, simulation_section
+from carefl.tasks import HEADLINE, METRICS
+
+log = logging.getLogger("carefl")
+TRAIN, EVALUATE = "train", "evaluate"
+#: overrides that may accompany ``resume=`` (they do not change what the run computes)
+RESUME_KEYS = ("resume", "output_dir", "run_id")
+_SECTIONS = ("task", "model", "data", "strategy", "privacy", "federation", "attack", "seed")
+SERVER_KEY_FILE = "server_key.pem"
+
+
+class Transport(Protocol):
+    """How the loop reaches hospitals. ``simulated``: the nodes are simulated (Flower's
+    simulation engine or in-process), so configured attacks and baselines apply."""
+
+    simulated: bool
+
+    def node_ids(self) -> list[int]:
+        """The connected nodes now."""
+
+    def exchange(self, kind: str, node_ids: list[int], request: str, state: dict[str, Tensor],
+                 server_round: int, timeout: float) -> Iterator[RawReply]:
+        """Send ``(request, state)`` as a ``kind`` message to every node; yield replies as they
+        arrive, until all are in or ``timeout`` seconds passed (the consumer may stop early)."""
+
+
+def _override_key(override: str) -> str:
+    """``federation.rounds`` of ``federation.rounds=3`` (also ``+key=v``, ``~key``)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _saved_config(run_dir: Path, given: str) -> DictConfig:
+    """The run's own ``config.yaml``, checked before anything in ``run_dir`` is touched."""
+    saved = run_dir / "config.yaml"
+    fix = "point resume= at a CareFL run directory (outputs/<run-id>)"
+    if not saved.is_file():
+        raise ConfigError(f"resume={given}: {saved} not found; {fix}")
+    try:
+        cfg = OmegaConf.load(saved)
+        missing = [k for k in _SECTIONS if k not in cfg]
+        if missing:
+            raise ConfigError(f"it lacks {missing}, so it is not a CareFL run's config")
+        validate(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"resume={given}: {saved}: {err}; {fix}") from None
+    except Exception as err:  # YAML / OmegaConf errors of a corrupt file: all "unreadable"
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"resume={given}: {saved} is unreadable ({first}); {fix}") from None
+    return cfg
+
+
+def prepare_run_dir(cfg: DictConfig, overrides: Sequence[str] = ()) -> tuple[Path, DictConfig, bool]:
+    """Create ``<output_dir>/<run_id>/`` (never overwriting) or reopen it for ``resume=``.
+
+    On resume the run's own ``config.yaml`` is the config (so the ledger's config hash holds
+    and the DP noise stays calibrated for the planned rounds): ``overrides`` other than
+    :data:`RESUME_KEYS` are refused, ``federation.rounds`` included.
+    """
+    if cfg.resume:
+        changed = [o for o in overrides if _override_key(o) not in RESUME_KEYS]
+        if changed:
+            raise ConfigError(
+                f"resume={cfg.resume} continues the run with its own config.yaml, so {' '.join(changed)} "
+                "cannot apply (a run's settings, federation.rounds included, are fixed when it starts); "
+                "drop them, or start a new run"
+            )
+        run_dir = Path(str(cfg.resume)).expanduser().resolve()
+        return run_dir, _saved_config(run_dir, str(cfg.resume)), True
+    run_id = cfg.run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    run_dir = (Path(str(cfg.output_dir)).expanduser() / str(run_id)).resolve()
+    if run_dir.exists():
+        raise ConfigError(f"run directory {run_dir} already exists; choose another run_id= or resume={run_dir}")
+    run_dir.mkdir(parents=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    return run_dir, cfg, False
+
+
+def wait_for_nodes(transport: Transport, cfg: DictConfig) -> list[int]:
+    """Wait (up to ``federation.round_timeout_s``) until every listed hospital is connected,
+    or at least ``federation.min_hospitals`` when the time is up."""
+    want, deadline = len(cfg.federation.hospitals), time.monotonic() + cfg.federation.round_timeout_s
+    hinted = False
+    while True:
+        nodes = sorted(transport.node_ids())
+        if len(nodes) >= want or (time.monotonic() > deadline and len(nodes) >= cfg.federation.min_hospitals):
+            return nodes
+        if time.monotonic() > deadline:
+            raise CareFLError(
+                f"only {len(nodes)} SuperNode(s) connected after {cfg.federation.round_timeout_s:.0f} s; "
+                f"federation.min_hospitals={cfg.federation.min_hospitals}"
+            )
+        if not hinted:
+            log.warning(
+                "federation.hospitals lists %d hospitals and %d SuperNode(s) are connected; waiting up to "
+                "federation.round_timeout_s=%.0f s for the rest. In simulation start one SuperNode per "
+                "hospital: flwr run . --federation-config \"num-supernodes=%d\"",
+                want, len(nodes), cfg.federation.round_timeout_s, want,
+            )
+            hinted = True
+        log.info("waiting for hospitals: %d/%d SuperNodes connected", len(nodes), want)
+        time.sleep(2.0)
+
+
+def _progress(cfg, server_round: int, summary, evals: dict, aggregate: dict, seconds: float, replies) -> str:
+    """One line per round; hospitals in ``federation.hospitals`` order, then any others."""
+    head = HEADLINE[cfg.task.kind]
+    order = {h: i for i, h in enumerate(cfg.federation.hospitals)}
+
+    def ranked(names):
+        return sorted(names, key=lambda h: (order.get(h, len(order)), h))
+
+    metric = ", ".join(f"{h} {evals[h][head]:.3f}" for h in ranked(evals))
+    eps = {r.hospital: r.metrics["epsilon"] for r in replies if "epsilon" in r.metrics}
+    parts = [f"round {server_round}/{cfg.federation.rounds}"]
+    if summary.train_loss:  # only without DP: under DP the unnoised loss is never sent
+        parts.append("loss: " + " ".join(f"{h} {summary.train_loss[h]:.3f}" for h in ranked(summary.train_loss)))
+    parts.append(f"{head} {aggregate.get(head, float('nan')):.3f} ({metric})")
+    if eps:
+        parts.append("epsilon: " + " ".join(f"{h} {eps[h]:.2f}" for h in ranked(eps)))
+    if summary.rejected:
+        parts.append("left out: " + ", ".join(ranked(summary.rejected)))
+    parts.append(f"{seconds:.1f}s")
+    return " | ".join(parts)
+
+
+def _server_key(cfg: DictConfig) -> SigningKey:
+    path = cfg.federation.get("server_key") or Path(str(cfg.output_dir)).expanduser() / SERVER_KEY_FILE
+    return SigningKey.load_or_create(Path(str(path)).expanduser())
+
+
+def _train_phase(transport: Transport, fed: Federation, request: str, nodes: list[int], server_round: int,
+                 seen: set[str]) -> tuple[list[TrainReply], dict[int, str]]:
+    """Collect and check the training replies; hospitals seen before that did not answer get
+    a ``no-reply`` record. Returns (replies, node id -> hospital of the authenticated ones)."""
+    cfg = fed.cfg
+    hospitals, timeout = list(cfg.federation.hospitals), float(cfg.federation.round_timeout_s)
+    ctx = RoundContext(hospitals, fed.run_id, server_round, fed.global_state, hash_state_dict(fed.global_state),
+                       bool(cfg.privacy.enabled), fed.hospital_keys, frozenset(cfg.federation.get("hospital_keys") or {}))
+    replies, names = [], {}
+    stream = transport.exchange(TRAIN, nodes, request, fed.global_state, server_round, timeout)
+    for raw in stream:
+        reply, why = check_train_reply(raw, ctx)
+        if reply is None:
+            log.warning("round %d: %s", server_round, why)
+            continue
+        replies.append(reply)
+        names[raw.node_id] = reply.hospital
+        if set(hospitals) <= ctx.answered:
+            stream.close()  # the rest went to stale node ids of SuperNodes that registered again
+            break
+    seen |= ctx.answered
+    replies += [TrainReply(h, "no-reply", f"{h}: no reply within federation.round_timeout_s={timeout:g} s "
+                           "(crashed, hung or disconnected); it may rejoin in a later round")
+                for h in sorted(seen - ctx.answered)]
+    return replies, names
+
+
+def _eval_phase(transport: Transport, fed: Federation, request: str, names: dict[int, str], server_round: int) -> dict:
+    cfg = fed.cfg
+    metric_names = METRICS[cfg.task.kind]
+    evals: dict[str, dict] = {}
+    for raw in transport.exchange(EVALUATE, sorted(names), request, fed.global_state, server_round,
+                                  float(cfg.federation.round_timeout_s)):
+        name, result = check_eval_reply(raw, names, metric_names)
+        if isinstance(result, str):
+            log.warning("round %d: %s", server_round, result)
+        elif name not in evals:
+            evals[name] = result
+    return evals
+
+
+def run_federation(transport: Transport, cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
+    """Drive all rounds through ``transport``; return the run directory. ``overrides``: the
+    ones the user gave (on ``resume=`` only :data:`RESUME_KEYS` may be among them)."""
+    from carefl.models import build_model  # the server builds the initial model only here
+
+    run_dir, cfg, resume = prepare_run_dir(cfg, overrides)
+    log.info("run directory: %s", run_dir)
+    fed = Federation(cfg, run_dir, build_model(cfg).state_dict(), resume=resume, simulated=transport.simulated)
+    server_key = _server_key(cfg)
+    simulation = simulation_section(cfg, str(run_dir)) if transport.simulated else None
+    nodes = wait_for_nodes(transport, cfg)
+    seen: set[str] = set()
+    status, message = "completed", ""
+    for server_round in range(fed.next_round, cfg.federation.rounds + 1):
+        start = time.monotonic()
+        nodes = sorted(transport.node_ids())  # hospitals that dropped out may be back
+        head = sign_head(server_key, len(fed.ledger) - 1, fed.ledger.head)
+        request = build_request(cfg, server_round, fed.run_id, head, simulation)
+        replies, names = _train_phase(transport, fed, request, nodes, server_round, seen)
+        trained = time.monotonic()
+        try:
+            summary = fed.aggregate(server_round, replies)
+        except FederationStopped as stop:
+            log.warning("%s", stop)
+            status, message = "stopped", str(stop)
+            break
+        aggregated = time.monotonic()
+        evals = _eval_phase(transport, fed, request, names, server_round)
+        evaluated = time.monotonic()
+        aggregate = fed.record_evaluation(server_round, evals)
+        fed.checkpoint(server_round)
+        end = time.monotonic()
+        fed.report.add_timing(server_round, {
+            "train_phase_seconds": trained - start, "aggregate_seconds": aggregated - trained,
+            "eval_phase_seconds": evaluated - aggregated, "checkpoint_seconds": end - evaluated,
+            "round_seconds": end - start,
+        })
+        log.info("%s", _progress(cfg, server_round, summary, evals, aggregate, end - start, replies))
+    if cfg.federation.baselines and status == "completed":
+        if transport.simulated:
+            from carefl.baselines import run_baselines
+
+            log.info("baselines: training local-only and pooled models on the same splits ...")
+            torch.set_num_threads(int(cfg.federation.torch_threads))
+            fed.report.add_baselines(run_baselines(cfg, log))
+        else:
+            log.info("baselines skipped: hospitals' data is not visible to the server in deployment")
+    final = fed.finish(status, message)
+    log.info("ledger head %s (entry %d), signed by the server key %s", fed.ledger.head, len(fed.ledger) - 1,
+             server_key.public_b64)
+    log.info("%s: final model %s; metrics %s; plots %s", status, final, run_dir / "metrics.json", run_dir / "plots")
+    return run_dir
