@@ -178,7 +178,7 @@ def _no_interpolation(cfg: DictConfig) -> None:
 
 
 def _check_federation(cfg: DictConfig) -> int:
-    """``federation.*`` (not ``max_update_norm*``, ``site_policies``, ``hospital_keys``); returns n."""
+    """``federation.*`` (the trust keys: :func:`_check_trust`); returns n."""
     hospitals = _get(cfg, "federation.hospitals")
     _require(
         isinstance(hospitals, (ListConfig, list, tuple)),
@@ -207,6 +207,31 @@ def _check_federation(cfg: DictConfig) -> int:
     _flag(cfg, "federation.baselines")
     _integer(cfg, "federation.torch_threads", 1, 256, 1)
     return n
+
+
+def _check_trust(cfg: DictConfig) -> None:
+    """Update-norm bounds, simulated site policies, registered hospital keys, the server key."""
+    from carefl.receipts import _is_b64  # local: cryptography is only needed here
+    from carefl.site import NODE_KEYS
+
+    _number(cfg, "federation.max_update_norm", 0, None, 100.0, nullable=True)
+    _number(cfg, "federation.max_update_norm_ratio", 1, None, 10.0, low_open=False, nullable=True)
+    hospitals = set(_get(cfg, "federation.hospitals"))
+    policies = _get(cfg, "federation.site_policies")
+    _require(isinstance(policies, (DictConfig, dict)), "federation.site_policies must be a mapping hospital -> node config")
+    for name, policy in policies.items():
+        _require(name in hospitals, f"federation.site_policies.{name}: {name} is not in federation.hospitals")
+        unknown = sorted(set(policy) - set(NODE_KEYS)) if isinstance(policy, (DictConfig, dict)) else ["(not a mapping)"]
+        _require(not unknown, f"federation.site_policies.{name} has unknown keys {unknown}; use {', '.join(NODE_KEYS)}")
+    keys = _get(cfg, "federation.hospital_keys")
+    _require(isinstance(keys, (DictConfig, dict)), "federation.hospital_keys must be a mapping hospital -> public key")
+    for name, key in keys.items():
+        _require(name in hospitals, f"federation.hospital_keys.{name}: {name} is not in federation.hospitals")
+        _require(_is_b64(key, 32), f"federation.hospital_keys.{name}={_show(key)} is not a base64 Ed25519 public key; "
+                 "register what `carefl-keygen STATE_DIR` prints on the hospital")
+    server_key = _get(cfg, "federation.server_key")
+    _require(server_key is None or isinstance(server_key, str),
+             f"federation.server_key={_show(server_key)} must be null or the path of the server's signing key")
 
 
 def _check_privacy(cfg: DictConfig) -> None:
@@ -359,8 +384,6 @@ def validate(cfg: DictConfig) -> None:
     ``config.yaml`` and by ``carefl-sim``. Types are checked too: a Hydra override
     ``federation.rounds=abc`` or ``=2.5`` is refused here, not deep inside a round. Fast: no
     network is built (the input-size rule per net is arithmetic, see :func:`_input_side`).
-    ``federation.max_update_norm*``, ``federation.site_policies`` and
-    ``federation.hospital_keys`` are left to the code that reads them.
     """
     _no_interpolation(cfg)  # first: reading an interpolated value would run its resolver
     _integer(cfg, "seed", 0, 2**31 - 1, 0)
@@ -368,6 +391,7 @@ def validate(cfg: DictConfig) -> None:
     if run_id is not None:  # names the run directory <output_dir>/<run_id>
         _safe_name(str(run_id) if _is_int(run_id) else run_id, "run_id", "my-run")
     n = _check_federation(cfg)
+    _check_trust(cfg)
     _check_privacy(cfg)
     side = _check_task_and_model(cfg)
     _check_data(cfg, side)

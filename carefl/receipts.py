@@ -47,6 +47,7 @@ import base64
 import json
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -386,3 +387,25 @@ class ReceiptLog:
         self._receipts.append(entry["receipt"])
         self._head = entry["hash"]
         return entry
+
+
+def keygen_main(argv: list[str] | None = None) -> int:
+    """``carefl-keygen STATE_DIR [--key-file PATH]``: create (or read) a hospital's signing key
+    and print its public key, to register in the consortium's ``federation.hospital_keys``.
+    The private key never leaves the file (mode 0600)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="carefl-keygen", description=keygen_main.__doc__.split("\n")[0])
+    parser.add_argument("state_dir", help="the hospital's state dir (its node config state-dir)")
+    parser.add_argument("--key-file", help=f"the key file (default: STATE_DIR/{KEY_FILE}; node config key-file)")
+    args = parser.parse_args(argv)
+    path = Path(args.key_file) if args.key_file else Path(args.state_dir) / KEY_FILE
+    try:
+        key = SigningKey.load_or_create(path)
+    except ReceiptError as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 2
+    print(key.public_b64)
+    print(f"# register it on the server (conf/federation or an override): "
+          f"'+federation.hospital_keys.<hospital>=\"{key.public_b64}\"'")
+    return 0

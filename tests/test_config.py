@@ -327,3 +327,16 @@ def test_saved_config_of_an_older_run_validates(tmp_path):
 )
 def test_edges_of_the_ranges_pass(override):
     compose_config(override)
+
+
+@pytest.mark.parametrize("override, names", [
+    ("+federation.hospital_keys.st-mary=abc", ["federation.hospital_keys.st-mary", "carefl-keygen"]),
+    ('+federation.hospital_keys.nobody="mNLKMcFWo6G3ZcY51ibNdna1Pfp4P/kK9WVjYmZzu60="', ["nobody", "federation.hospitals"]),
+    ("+federation.site_policies={st-mary:{epsilon_cap:3}}", ["federation.site_policies.st-mary", "epsilon_cap"]),
+    ("federation.max_update_norm_ratio=0.5", ["federation.max_update_norm_ratio"]),
+    ("federation.max_update_norm=-1", ["federation.max_update_norm"]),
+])
+def test_trust_settings_are_checked_at_the_edge(override, names):
+    with pytest.raises(ConfigError) as err:
+        compose_config([override])
+    assert all(name in str(err.value) for name in names)

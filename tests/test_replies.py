@@ -22,6 +22,7 @@ import torch
 from carefl.config import compose_config
 from carefl.ledger import entry_hash, verify_run
 from carefl.local_transport import LocalTransport
+from carefl.receipts import SigningKey
 from carefl.replies import ArrayView
 from carefl.rounds import run_federation
 
@@ -108,6 +109,14 @@ def test_a_refusal_in_another_hospitals_name_is_not_recorded(tmp_path):
     _, metrics = run(tmp_path, fake)
     assert all("st-mary" not in r["train"] for r in metrics["rounds"])  # its unsigned reply never counts
     assert all(r["train"]["riverside"]["status"] == "ok" for r in metrics["rounds"])
+
+
+def test_a_registered_key_is_required_of_that_hospital(tmp_path):
+    """federation.hospital_keys pins st-mary to a key it does not hold (say, a hospital that
+    lost its state dir and made a new key): its replies no longer count as st-mary's."""
+    other = SigningKey.load_or_create(tmp_path / "other.pem").public_b64
+    _, metrics = run(tmp_path, None, f'+federation.hospital_keys.st-mary="{other}"')
+    assert all("st-mary" not in r["train"] and r["train"]["riverside"]["status"] == "ok" for r in metrics["rounds"])
 
 
 def test_a_scaled_update_is_dropped_by_the_relative_norm_bound(tmp_path):
