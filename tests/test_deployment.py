@@ -75,3 +75,23 @@ def test_deployment_two_rounds_on_each_hospitals_own_nifti_data(deployment: Depl
     assert verify.returncode == 0, verify.stdout + verify.stderr
     log = deployment.log(run_id)
     assert "northfield" in log and "points outside the datalist's directory" in log, log
+
+
+@pytest.mark.slow
+def test_a_run_submitted_with_privacy_none_is_refused_by_every_hospital(deployment: Deployment, tmp_path: Path):
+    """A hostile (or careless) submitter asks real SuperNodes to train without DP: each
+    hospital's own policy (require-dp defaults to true) refuses, signed; nothing trains and the
+    run stops with the reason, so no weights computed without DP ever leave a hospital."""
+    deployment.start_superlink()
+    for i, hospital in enumerate(("st-mary", "riverside")):
+        deployment.start_supernode(hospital, data_path=f"synthetic:{i}", state_dir=str(tmp_path / "state" / hospital))
+    out = tmp_path / "out"
+    run_id = deployment.submit(f"privacy=none federation.hospitals=[st-mary,riverside] federation.rounds=2 "
+                               f"data.n_train=16 data.n_test=4 data.image_size=16 federation.baselines=false "
+                               f"output_dir={out} run_id=nodp")
+    metrics = deployment.wait_for_run(run_id, out / "nodp", timeout=300)
+    assert metrics["status"] == "stopped" and "min_hospitals" in metrics["message"]
+    (record,) = metrics["rounds"]
+    assert {h: t["status"] for h, t in record["train"].items()} == {"st-mary": "refused", "riverside": "refused"}
+    assert all("require-dp=true" in t["reason"] for t in record["train"].values())
+    assert not any((tmp_path / "state" / h / "privacy_history.json").exists() for h in ("st-mary", "riverside"))
