@@ -214,7 +214,7 @@ def check_train_reply(raw: RawReply, ctx: RoundContext) -> tuple[TrainReply | No
         except Exception as err:  # a malformed .npy payload: whatever numpy raises
             problem = f"model weights cannot be read ({type(err).__name__})"
         else:
-            problem = robust.validate_update(name, state, ctx.global_state, None)
+            problem = robust.validate_update(name, state, ctx.global_state)
             if problem is None and hash_state_dict(state) != receipt["update_hash"]:
                 problem = "the weights sent are not the ones its receipt signs (update_hash)"
     if problem:

@@ -2,7 +2,7 @@
 
 Per round, the server does::
 
-    reason = validate_update(hospital, local_state, global_state, None)  # at the reply edge
+    reason = validate_update(hospital, local_state, global_state)  # at the reply edge
     X = flatten_updates(local_states, global_state)          # float32 (n, d)
     drop = norm_outliers(X, max_update_norm, max_update_norm_ratio)  # absurd norms left out
     result = aggregator(X, claimed_examples)                 # AggResult(update, scores, selected)
