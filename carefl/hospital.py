@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,7 +262,8 @@ def handle(kind: str, request_text: str, global_state: Mapping[str, torch.Tensor
         request = parse_request(request_text, simulated="partition-id" in node_config)
         policy = read_policy(node_config, request)
         name = policy.hospital
-        torch.set_num_threads(policy.torch_threads or int(request.config.federation.torch_threads))
+        # the hospital's own torch-threads wins; a request may not ask for more than its cores
+        torch.set_num_threads(policy.torch_threads or min(int(request.config.federation.torch_threads), os.cpu_count() or 1))
         if kind == TRAIN:
             return train_round(request, policy, dict(global_state))
         refusal = admit(policy, request)

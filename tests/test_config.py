@@ -28,20 +28,11 @@ def test_overrides_as_string_with_quoting_and_list():
 
 def test_every_config_group_file_composes_with_a_matching_task():
     """Every file in every group composes; models build for a task they support."""
-    seg, cls = {"unet", "basicunet"}, {"densenet121", "classifier"}
-    for group in sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir()):
-        for option in sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")):
-            overrides = [f"{group}={option}"]
-            if group == "model":
-                overrides.append("task=cls2d" if option in cls else "task=seg2d")
-            if group == "task" and option.startswith("cls"):
-                overrides.append("model=classifier")
-            if group == "strategy":
-                overrides.append("federation.hospitals=[a,b,c,d,e,f,g,h,i,j,k]")  # enough for Bulyan f=2
-            cfg = compose_config(overrides)
-            if group in {"model", "task"}:
-                assert isinstance(build_model(cfg).state_dict(), dict)
-    assert seg | cls == {p.stem for p in (CONF_DIR / "model").glob("*.yaml")}
+    for overrides in _options():
+        cfg = compose_config(overrides)
+        if overrides[0].split("=")[0] in {"model", "task"}:
+            assert isinstance(build_model(cfg).state_dict(), dict)
+    assert SEG | CLS == {p.stem for p in (CONF_DIR / "model").glob("*.yaml")}
 
 
 @pytest.mark.parametrize(
@@ -76,19 +67,21 @@ def test_missing_conf_dir_is_named(tmp_path: Path):
         compose_config("", conf_dir=tmp_path)
 
 
+SEG, CLS = {"unet", "basicunet"}, {"densenet121", "classifier"}
+
+
 def _options() -> list[list[str]]:
     """Overrides selecting each option of each config group, with a task/model/size it fits."""
-    seg, cls = {"unet", "basicunet"}, {"densenet121", "classifier"}
     out = []
     for group in sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir()):
         for option in sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")):
             overrides = [f"{group}={option}"]
             if group == "model":
-                overrides.append("task=cls2d" if option in cls else "task=seg2d")
+                overrides.append("task=cls2d" if option in CLS else "task=seg2d")
             if group == "task" and option.startswith("cls"):
                 overrides.append("model=classifier")
             if group == "strategy":
-                overrides.append("federation.hospitals=[a,b,c,d,e,f,g,h,i,j,k]")
+                overrides.append("federation.hospitals=[a,b,c,d,e,f,g,h,i,j,k]")  # enough for Bulyan f=2
             out.append(overrides)
     return out
 
