@@ -221,8 +221,10 @@ def _train_locked(request: Request, policy: SitePolicy, global_state, key: Signi
     if not ok:
         metrics["epsilon"] = privacy.epsilon(history, policy.delta, cfg.privacy.accountant)
         return HospitalReply(policy.hospital, "refused", f"{policy.hospital}: {reason}", None, metrics), history
-    budget.save(policy.state_dir, key, privacy.extended(history, sigma, sample_rate, steps), base=history)
+    # set up first (a request it cannot serve, e.g. secure_mode, fails here and spends nothing),
+    # then write the round's spend ahead of training: from here a crash can only over-count
     dp_model, dp_optimizer, dp_loader, engine = make_private(cfg, model, optimizer, make_loader(train_set, fed.batch_size, seed=0), sigma, history)
+    budget.save(policy.state_dir, key, privacy.extended(history, sigma, sample_rate, steps), base=history)
     result = train_epochs(dp_model, dp_optimizer, dp_loader, cfg.task, fed.local_epochs, cfg.strategy.prox_mu)
     history = list(engine.accountant.history)
     budget.save(policy.state_dir, key, history)

@@ -102,7 +102,8 @@ class RoundContext:
     """What the server knows when a round's replies arrive.
 
     ``keys``: hospital -> base64 Ed25519 public key, registered (``federation.hospital_keys``)
-    or pinned at first use in this run; :func:`check_train_reply` pins new ones here.
+    or pinned at first use in this run; :func:`check_train_reply` pins new ones here (a
+    hospital with a key must sign with it; one without is pinned to the key it signs with).
     ``answered``: hospitals with an authenticated reply this round.
     """
 
@@ -113,7 +114,6 @@ class RoundContext:
     model_hash: str
     dp: bool
     keys: dict[str, str]
-    registered: frozenset[str]
     answered: set[str] = field(default_factory=set)
 
 
@@ -178,11 +178,7 @@ def check_train_reply(raw: RawReply, ctx: RoundContext) -> tuple[TrainReply | No
         receipt = json.loads(text) if text else None
     except ValueError:
         receipt = None
-    key = ctx.keys.get(name)
-    if name in ctx.registered or key is not None:
-        problem = receipt_problem(receipt, key)
-    else:
-        problem = receipt_problem(receipt)
+    problem = receipt_problem(receipt, ctx.keys.get(name))  # no key yet: its own (pinned below)
     if problem is None:
         problem = _receipt_mismatch(receipt, name, ctx)
     if problem:

@@ -173,7 +173,7 @@ def _train_phase(transport: Transport, fed: Federation, request: str, nodes: lis
     cfg = fed.cfg
     hospitals, timeout = list(cfg.federation.hospitals), float(cfg.federation.round_timeout_s)
     ctx = RoundContext(hospitals, fed.run_id, server_round, fed.global_state, hash_state_dict(fed.global_state),
-                       bool(cfg.privacy.enabled), fed.hospital_keys, frozenset(cfg.federation.get("hospital_keys") or {}))
+                       bool(cfg.privacy.enabled), fed.hospital_keys)
     replies, names = [], {}
     stream = transport.exchange(TRAIN, nodes, request, fed.global_state, server_round, timeout)
     for raw in stream:

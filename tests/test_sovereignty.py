@@ -198,6 +198,16 @@ def test_a_crash_during_training_can_only_over_count(tmp_path, monkeypatch):
     assert reply.status == "ok" and sum(n for *_, n in history) == 2 * written_ahead[0][2]
 
 
+def test_a_request_the_hospital_cannot_serve_spends_nothing(tmp_path):
+    """privacy.secure_mode=true needs torchcsprng (absent here): refused before the budget is
+    touched, so a server repeating it cannot burn the hospital's epsilon."""
+    text, state = request("privacy.secure_mode=true")
+    for _ in range(2):
+        reply = handle(TRAIN, text, state, node(tmp_path))
+        assert reply.status == "refused" and "secure_mode" in reply.reason
+    assert not (tmp_path / "state" / budget.HISTORY_FILE).exists()
+
+
 def _train_in_child(args):
     tmp, server_round = args
     torch.set_num_threads(1)
