@@ -5,18 +5,22 @@ the loss is MONAI ``DiceLoss``/``DiceCELoss`` on the sigmoid; the metric is mean
 the mask thresholded at 0.5 (MONAI ``DiceMetric``), averaged over images.
 
 Classification: the model outputs logits ``(N, K)``; the loss is cross-entropy; the metrics
-are accuracy and ROC AUC (MONAI ``compute_roc_auc``; one-vs-rest macro average for K > 2).
+are accuracy and ROC AUC (MONAI ``compute_roc_auc``), defined on every non-empty split -- see
+:func:`compute_metrics` for what ``auc`` means when a split lacks a class.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
 from monai.losses import DiceCELoss, DiceLoss
 from monai.metrics import DiceMetric, compute_roc_auc
 
-from carefl.errors import ConfigError
+from carefl.errors import ConfigError, DataError
+
+log = logging.getLogger("carefl.tasks")
 
 SEGMENTATION = "segmentation"
 CLASSIFICATION = "classification"
@@ -50,18 +54,47 @@ def compute_metrics(task, logits: torch.Tensor, labels: torch.Tensor) -> dict[st
     """Metrics of a whole test split from stacked ``logits`` and ``labels``.
 
     Segmentation: ``{"dice": mean Dice over images}`` (an image whose mask and prediction
-    are both empty counts as Dice 1). Classification: ``{"auc", "accuracy"}``.
+    are both empty counts as Dice 1).
+
+    Classification (logits ``(N, K)``, int labels ``(N,)``): ``{"auc", "accuracy"}``, both finite
+    and in [0, 1] on every split with N >= 1 (an empty split raises :class:`DataError`).
+    ``accuracy``: fraction of examples whose argmax class is the label. ``auc``, by the classes
+    present in the split (P = the labels that occur):
+
+    - |P| >= 2: ROC AUC one-vs-rest for each class c in P (positives: label c; negatives: every
+      other example; score: log-softmax of class c), averaged over P with equal weight; ties
+      count 1/2. Classes absent from the split are left out, not counted as NaN. For K = 2 this
+      is the usual AUC of the positive class (score: logit 1 - logit 0).
+    - |P| = 1: no pair of examples of different classes exists, so no ranking AUC does. ``auc``
+      is then the fraction of the split classified as its one class (= ``accuracy``): the
+      threshold analogue of AUC, i.e. the mean recall over the classes present (for binary
+      decisions, AUC of the decisions = (sensitivity + specificity) / 2). It is logged as a
+      warning. Chance level (0.5) is not reported: it would call a model that is right on every
+      case of that split a coin flip, and pull the federation's weighted AUC towards 0.5
+      whatever the model does.
+
+    Non-finite logits (a diverged model) never make a metric NaN: NaN counts as the lowest
+    logit and +-inf as the largest / lowest float32, before the softmax.
     """
     if task.kind == SEGMENTATION:
         pred = (torch.sigmoid(logits) > 0.5).float()
         metric = DiceMetric(include_background=True, reduction="mean", ignore_empty=False)
         metric(y_pred=pred, y=labels)
         return {"dice": float(metric.aggregate().item())}
-    probs = torch.softmax(logits.float(), dim=1)
-    accuracy = float((probs.argmax(dim=1) == labels).float().mean().item())
-    onehot = torch.nn.functional.one_hot(labels.long(), probs.shape[1]).float()
-    if probs.shape[1] == 2:  # binary: AUC of the positive-class score
-        auc = compute_roc_auc(probs[:, 1], labels.float())
+    if len(labels) == 0:
+        raise DataError("the test split has no examples: nothing to evaluate; give the hospital a test split")
+    big = float(torch.finfo(torch.float32).max)
+    scores = torch.nan_to_num(logits.double(), nan=-big, posinf=big, neginf=-big)
+    labels = labels.long().reshape(-1)
+    accuracy = float((scores.argmax(dim=1) == labels).double().mean())
+    present = labels.unique().tolist()
+    if len(present) == 1:
+        log.warning("AUC is undefined on a test split whose labels are all %d; reporting the fraction "
+                    "classified correctly (%.3f) as auc", present[0], accuracy)
+        return {"auc": accuracy, "accuracy": accuracy}
+    if scores.shape[1] == 2:  # binary: AUC of the positive-class score
+        auc = compute_roc_auc(scores[:, 1] - scores[:, 0], labels.double())
     else:
-        auc = compute_roc_auc(probs, onehot, average="macro")
+        log_probs = torch.log_softmax(scores, dim=1)
+        auc = sum(compute_roc_auc(log_probs[:, c], (labels == c).double()) for c in present) / len(present)
     return {"auc": float(auc), "accuracy": accuracy}
