@@ -95,7 +95,9 @@ def _training_set(request: Request, policy: SitePolicy) -> Dataset:
 
 
 def local_steps(num_examples: int, batch_size: int, epochs: int) -> int:
-    """Optimizer steps of one round: ``epochs * ceil(N / B)`` (Poisson: expected batches)."""
+    """Optimizer steps of one round: ``epochs * ceil(N / B)``. Under DP the Poisson loader runs
+    exactly this many, empty batches included, each accounted at ``privacy.sample_rate(N, B)``
+    (:func:`carefl.privacy.make_private`)."""
     return epochs * math.ceil(num_examples / batch_size)
 
 

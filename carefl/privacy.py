@@ -88,6 +88,7 @@ import torch
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader
 
 from carefl.errors import ConfigError
@@ -104,6 +105,9 @@ ACCOUNTANTS = ("prv", "rdp")
 #: benchmarks/bench_dp.py: "ew" (ExpandedWeights) fails on PReLU, ConvTranspose and DenseNet's
 #: strided views; "ghost" needs a per-sample loss of shape (N,) and is slower for conv nets.
 GRAD_SAMPLE_MODES = ("hooks", "functorch")
+#: ``torch.rand`` (float32, CPU) draws ``j * 2**-24`` with j uniform in [0, 2**24): ``rand < t``
+#: holds with probability exactly t only for t on that grid, and with up to 2**-24 more otherwise.
+RAND_GRID = 2**24
 
 
 def _eps_error(eps: float) -> float:
@@ -117,11 +121,21 @@ def _check_accountant(accountant: str) -> None:
 
 
 def sample_rate(num_examples: int, batch_size: int) -> float:
-    """Poisson sampling rate q that Opacus uses for a loader over ``num_examples`` records.
+    """Poisson sampling rate q that a hospital plans, calibrates and accounts with.
 
-    ``q = 1 / ceil(num_examples / batch_size)``; one epoch is ``1 / q`` steps.
+    ``q = 1 / k`` with ``k = ceil(num_examples / batch_size)``, the number of steps per epoch.
+    :func:`make_private`'s loader runs exactly k steps per epoch and its accountant records q
+    for each (Opacus' own loader would run ``int(1 / q)`` steps: k - 1 for k = 93, 99, 105, ...);
+    each record joins a batch with probability ``floor(q * 2**24) / 2**24``, in (q - 2**-24, q]
+    (see :func:`make_private`), so accounting at q is exact up to that conservative rounding.
     """
-    return 1.0 / math.ceil(num_examples / batch_size)
+    if num_examples < 1 or batch_size < 1:
+        raise ConfigError(f"{num_examples} training records / federation.batch_size={batch_size}: both must be >= 1")
+    steps = math.ceil(num_examples / batch_size)
+    if steps > RAND_GRID:
+        raise ConfigError(f"federation.batch_size={batch_size} over {num_examples} records gives q = 1/{steps}, below "
+                          f"torch's sampling resolution 2**-24; raise federation.batch_size")
+    return 1.0 / steps
 
 
 def calibrate_noise(
@@ -129,7 +143,9 @@ def calibrate_noise(
 ) -> float:
     """Smallest noise multiplier sigma whose epsilon after ``steps`` steps is <= target.
 
-    Call it once for the whole planned federation: ``steps = rounds * local_epochs / q``.
+    Call it once for the whole planned federation: ``steps = rounds * local_epochs * k`` with
+    ``q = 1 / k`` from :func:`sample_rate` -- the steps and rate :func:`make_private`'s loader
+    really runs and its accountant records.
 
     Args:
         target_epsilon: privacy.target_epsilon (> 0).
@@ -219,8 +235,8 @@ def make_private(
         model: a DP-ready net (carefl.models.build_model).
         optimizer: over ``model.parameters()``.
         loader: plain DataLoader over the training set with the planned batch size; only its
-            dataset and batch size are used: it is replaced by a Poisson-sampling loader at
-            rate :func:`sample_rate` whose generator is :func:`entropy_generator`.
+            dataset, batch size and collate function are used: it is replaced by a Poisson
+            loader (below) whose generator is :func:`entropy_generator`.
         noise_multiplier: sigma (from :func:`calibrate_noise` or privacy.noise_multiplier).
         max_grad_norm: per-sample clipping bound C (L2, same units as the gradients).
         accountant: "prv" | "rdp".
@@ -233,6 +249,14 @@ def make_private(
         (model, optimizer, loader, engine): train with these; after training save
         ``engine.accountant.history`` with :func:`carefl.budget.save`. Sampling and noise
         come from two fresh :func:`entropy_generator` (unknown to the server).
+
+    The Poisson loader, for N records and batch size B, with ``q = sample_rate(N, B) = 1 / k``:
+    exactly k batches per epoch (``len(loader) == k``); each record joins each batch on its own
+    with probability ``floor(q * 2**24) / 2**24`` (``loader.sample_rate``; torch.rand's float32
+    grid, see :data:`RAND_GRID`), at most q; a batch may be empty (train_epochs then takes a
+    noise-only step). The accountant records (sigma, q) for every step, so the history after
+    e epochs is exactly ``extended(history, sigma, q, e * k)``: what :func:`budget_check`
+    projected.
     """
     _check_accountant(accountant)
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
@@ -252,18 +276,28 @@ def make_private(
             "hospital node or set privacy.secure_mode=false"
         ) from e
     engine.accountant.load_state_dict({"history": list(history), "mechanism": accountant})
-    plain = DataLoader(loader.dataset, batch_size=loader.batch_size, generator=entropy_generator())
-    model, optimizer, loader = engine.make_private(
+    # Our own Poisson loader, not Opacus' (poisson_sampling=True): that one runs int(1 / q) steps
+    # per epoch, k - 1 where 1 / (1 / k) rounds below k, and samples at a threshold that torch.rand
+    # exceeds with up to 2**-24 extra probability. Opacus accounts at 1 / len(loader) = q.
+    q = sample_rate(len(loader.dataset), loader.batch_size)
+    steps = round(1 / q)  # = ceil(N / B), exactly
+    poisson = DPDataLoader(loader.dataset, sample_rate=math.floor(q * RAND_GRID) / RAND_GRID,
+                           collate_fn=loader.collate_fn, generator=entropy_generator())
+    poisson.batch_sampler.steps = steps  # the sampler's own step count (its constructor argument)
+    model, optimizer, poisson = engine.make_private(
         module=model,
         optimizer=optimizer,
-        data_loader=plain,
+        data_loader=poisson,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
-        poisson_sampling=True,
+        poisson_sampling=False,  # the loader above already samples; Opacus keeps it as it is
         grad_sample_mode=grad_sample_mode,
         noise_generator=None if secure_mode else entropy_generator(),
     )
-    return model, optimizer, loader, engine
+    model.forbid_grad_accumulation()  # what Opacus does with poisson_sampling=True
+    if len(poisson) != steps:  # the plan, the accountant's q = 1 / len(poisson) and the loader agree
+        raise RuntimeError(f"the Poisson loader runs {len(poisson)} steps per epoch, {steps} were planned")
+    return model, optimizer, poisson, engine
 
 
 def entropy_generator() -> torch.Generator:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader, Dataset
 
 from carefl.errors import ConfigError
@@ -19,7 +20,8 @@ from carefl.tasks import build_loss, compute_metrics
 class TrainResult:
     """What one local training call produced.
 
-    ``loss`` is the mean training loss over all steps; ``steps`` the optimizer steps taken;
+    ``loss`` is the mean training loss over the steps whose batch had records (0.0 if none
+    had); ``steps`` the optimizer steps taken, empty Poisson batches included;
     ``num_examples`` the size of the training set (not the number of batches).
     """
 
@@ -57,6 +59,16 @@ def train_epochs(
 ) -> TrainResult:
     """Run ``epochs`` passes over ``loader``; return the mean loss and the step count.
 
+    One optimizer step per batch. Under DP-SGD (``optimizer`` is Opacus' ``DPOptimizer``) every
+    step is one Poisson-sampled Gaussian step, the one the accountant records:
+
+    - a batch with records: p.grad = (sum of per-sample gradients, each clipped to C, + noise)
+      / expected batch size;
+    - an empty Poisson batch (each record joins on its own with probability <= q, so all may
+      stay out) is a noise-only step: the model is not run (MONAI's GroupNorm nets fail on a
+      batch of 0 in Opacus' per-sample path), Opacus' own empty-batch path gives
+      p.grad = noise / expected batch size, and the accountant records the step like any other.
+
     ``prox_mu > 0`` adds FedProx's proximal term ``mu/2 * ||w - w_global||^2`` where
     ``w_global`` are the parameters at entry (the global model this round started from).
     Under DP-SGD the proximal term's gradient is part of every per-sample gradient, so it is
@@ -64,20 +76,28 @@ def train_epochs(
     """
     loss_fn = build_loss(task)
     anchor = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else None
+    private = isinstance(optimizer, DPOptimizer)
     model.train()
-    total, steps = 0.0, 0
+    total, with_records, steps = 0.0, 0, 0
     for _ in range(epochs):
         for images, labels in loader:
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(images), labels)
-            if anchor is not None:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-                loss = loss + 0.5 * prox_mu * prox
-            loss.backward()
+            if len(labels) == 0:  # no record joined this Poisson batch (only DP loaders sample so)
+                if not private:
+                    continue
+                for p in optimizer.params:  # Opacus' own empty-batch path: nothing to clip, noise only
+                    p.grad_sample = p.new_zeros((0, *p.shape))
+            else:
+                loss = loss_fn(model(images), labels)
+                if anchor is not None:
+                    prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+                    loss = loss + 0.5 * prox_mu * prox
+                loss.backward()
+                total += float(loss.detach())
+                with_records += 1
             optimizer.step()
-            total += float(loss.detach())
             steps += 1
-    return TrainResult(loss=total / max(steps, 1), steps=steps, num_examples=len(loader.dataset))
+    return TrainResult(loss=total / max(with_records, 1), steps=steps, num_examples=len(loader.dataset))
 
 
 @torch.no_grad()
