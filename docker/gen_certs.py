@@ -9,16 +9,30 @@ Layout (CERTS = public material, KEYS = private, one folder per owner so each co
 mounts only its own folder):
 
     CERTS/ca.crt                       consortium CA (give it to every hospital)
-    CERTS/superlink.crt                SuperLink server certificate (SANs: --superlink-names)
+    CERTS/superlink.crt                SuperLink certificate, control network only
+                                       (SANs: --superlink-names)
+    CERTS/fleet-gateway.crt            the Fleet gateway hospitals dial (SANs: --gateway-names;
+                                       add the public name for remote hospitals)
+    CERTS/app-registry.crt             the consortium app registry (SANs: --registry-names)
+    CERTS/trusted-entities.yaml        the consortium's app-signing public key, in the format of
+                                       `flower-supernode --trusted-entities` (give it to every
+                                       hospital with ca.crt)
+    CERTS/supernodes/<hospital>.pub    (copied there by the init service for `register`)
     KEYS/ca/ca.key                     CA private key (keep it offline in production)
     KEYS/superlink/superlink.key       SuperLink TLS private key
+    KEYS/superlink/superexec.secret    SuperExec shared secret (SuperLink side)
+    KEYS/serverapp/superexec.secret    the same secret for the ServerApp runtime
+    KEYS/fleet-gateway/fleet-gateway.key, KEYS/app-registry/app-registry.key   their TLS keys
+    KEYS/launcher/app-signing.key      Ed25519 key that signs app bundles (FABs); the public
+                                       half is CERTS/trusted-entities.yaml
     KEYS/<hospital>/supernode.key      SuperNode authentication key (EC P-384, OpenSSH)
     KEYS/<hospital>/supernode.pub      its public key: register it with the SuperLink
 
-Existing files are kept (re-running is safe); --force regenerates everything.
+Existing files are kept (re-running is safe; a certificate whose names changed is
+re-issued); --force regenerates everything.
 
     python docker/gen_certs.py --certs docker/certs --keys docker/keys \
-        --superlink-names superlink,localhost,127.0.0.1,fl.example.org \
+        --gateway-names fleet-gateway,fl.example.org \
         --hospitals st-mary,riverside,northfield
 
 A hospital that joins a remote consortium makes only its own key pair:
@@ -33,14 +47,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import ipaddress
 import os
+import secrets
 import sys
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 VALID_DAYS = 825  # the longest lifetime browsers/TLS stacks accept for a leaf cert
@@ -147,6 +163,50 @@ def make_node_keypair() -> tuple[bytes, bytes]:
     return private, public + b"\n"
 
 
+def make_signing_keypair() -> tuple[bytes, bytes]:
+    """App-signing key pair: Ed25519 in OpenSSH format, the only kind Flower's
+    `--trusted-entities` accepts."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return private, public
+
+
+def signing_key_id(public_openssh: bytes) -> str:
+    """The id under which a signing key is listed in trusted-entities.yaml and named in a
+    FAB's verifications: fpk_ + the first 32 hex digits of SHA-256 of the public key."""
+    blob = public_openssh.split()[1]
+    return "fpk_" + hashlib.sha256(blob).hexdigest()[:32]
+
+
+def trusted_entities_yaml(public_openssh: bytes, comment: str) -> bytes:
+    """`flower-supernode --trusted-entities` file listing one Ed25519 public key."""
+    key = public_openssh.decode().split()
+    line = f'{signing_key_id(public_openssh)}: "{key[0]} {key[1]} {comment}"\n'
+    return ("# Public keys whose signature on an app bundle (FAB) this hospital accepts.\n"
+            + line).encode()
+
+
+def _names(csv: str) -> list[str]:
+    return [n.strip() for n in csv.split(",") if n.strip()]
+
+
+def _leaf(certs: Path, keys: Path, name: str, names: list[str],
+          ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate], force: bool) -> None:
+    """CERTS/<name>.crt + KEYS/<name>/<name>.key for `names`; re-issued when they change."""
+    crt, key_path = certs / f"{name}.crt", keys / name / f"{name}.key"
+    if force or not (crt.exists() and key_path.exists()) or _sans(crt) != set(names):
+        key, cert = make_server_cert(ca[0], ca[1], names)
+        _write(key_path, _key_pem(key), private=True)
+        _write(crt, cert.public_bytes(serialization.Encoding.PEM), private=False)
+
+
 def consortium(args: argparse.Namespace) -> None:
     certs, keys = args.certs, args.keys
     if not args.no_tls:
@@ -158,15 +218,24 @@ def consortium(args: argparse.Namespace) -> None:
             _write(ca_key, _key_pem(key), private=True)
             _write(ca_crt, cert.public_bytes(serialization.Encoding.PEM), private=False)
             args.force = True  # a new CA invalidates every certificate it signed
-        ca_k = _load_key(ca_key)
-        ca_c = x509.load_pem_x509_certificate(ca_crt.read_bytes())
-        srv_crt, srv_key = certs / "superlink.crt", keys / "superlink" / "superlink.key"
-        names = [n.strip() for n in args.superlink_names.split(",") if n.strip()]
-        if args.force or not (srv_crt.exists() and srv_key.exists()) or _sans(srv_crt) != set(names):
-            key, cert = make_server_cert(ca_k, ca_c, names)
-            _write(srv_key, _key_pem(key), private=True)
-            _write(srv_crt, cert.public_bytes(serialization.Encoding.PEM), private=False)
-    for hospital in [h.strip() for h in args.hospitals.split(",") if h.strip()]:
+        ca = (_load_key(ca_key), x509.load_pem_x509_certificate(ca_crt.read_bytes()))
+        _leaf(certs, keys, "superlink", _names(args.superlink_names), ca, args.force)
+        _leaf(certs, keys, "fleet-gateway", _names(args.gateway_names), ca, args.force)
+        _leaf(certs, keys, "app-registry", _names(args.registry_names), ca, args.force)
+        # The consortium's app-signing key: SuperNodes run only FABs it signed.
+        sign_key, trusted = keys / "launcher" / "app-signing.key", certs / "trusted-entities.yaml"
+        if args.force or not (sign_key.exists() and trusted.exists()):
+            private, public = make_signing_keypair()
+            _write(sign_key, private, private=True)
+            _write(trusted, trusted_entities_yaml(public, "carefl-consortium"), private=False)
+        # SuperExec shared secret: one value, one copy per process that holds it.
+        link_secret = keys / "superlink" / "superexec.secret"
+        if args.force or not link_secret.exists():
+            _write(link_secret, secrets.token_hex(32).encode(), private=True)
+        app_secret = keys / "serverapp" / "superexec.secret"
+        if not app_secret.exists() or app_secret.read_bytes() != link_secret.read_bytes():
+            _write(app_secret, link_secret.read_bytes(), private=True)
+    for hospital in _names(args.hospitals):
         priv, pub = keys / hospital / "supernode.key", keys / hospital / "supernode.pub"
         if args.force or not (priv.exists() and pub.exists()):
             private, public = make_node_keypair()
@@ -196,7 +265,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--certs", type=Path, help="folder for public certificates")
     p.add_argument("--keys", type=Path, help="folder for private keys (one sub-folder per owner)")
     p.add_argument("--superlink-names", default="superlink,localhost,127.0.0.1",
-                   help="comma-separated DNS names / IPs the SuperLink is reached by")
+                   help="comma-separated DNS names / IPs of the SuperLink (control network)")
+    p.add_argument("--gateway-names", default="fleet-gateway,localhost,127.0.0.1",
+                   help="comma-separated DNS names / IPs hospitals dial (the Fleet gateway)")
+    p.add_argument("--registry-names", default="app-registry",
+                   help="comma-separated DNS names / IPs of the app registry")
     p.add_argument("--hospitals", default="", help="comma-separated hospital names")
     p.add_argument("--ca-name", default="CareFL consortium CA")
     p.add_argument("--no-tls", action="store_true", help="only SuperNode key pairs")
