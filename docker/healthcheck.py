@@ -2,10 +2,12 @@
 
 The role is the one docker/entrypoint.sh started (written to /tmp/carefl-role).
 
-    superlink  HTTPS GET /health on its API port (chain verified against the consortium CA)
-    supernode  HTTPS GET /health on its loopback Runtime API (ephemeral CA, see entrypoint)
-    serverapp  gRPC health check of flower-superexec's loopback health service
-    others     one-shot roles (init, register, launch): healthy while they run
+    superlink      HTTPS GET /health on its API port (chain verified against the consortium CA)
+    fleet-gateway  HTTPS GET /health through the gateway, i.e. the SuperLink as hospitals see it
+    app-registry   HTTPS GET /health on the registry
+    supernode      HTTPS GET /health on its loopback Runtime API (ephemeral CA, see entrypoint)
+    serverapp      gRPC health check of flower-superexec's loopback health service
+    others         one-shot roles (init, register, launch): healthy while they run
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import ssl
 import sys
 import urllib.request
+from urllib.parse import urlsplit
 from pathlib import Path
 
 
@@ -42,6 +45,14 @@ def main() -> int:
         if role == "superlink":
             port = os.environ.get("CAREFL_PORT", "8000")
             ok = https_ok(f"https://127.0.0.1:{port}/health",
+                          os.environ.get("CAREFL_CA_CERT", "/certs/ca.crt"))
+        elif role == "fleet-gateway":
+            port = os.environ.get("CAREFL_GATEWAY_PORT", "8000")
+            ok = https_ok(f"https://127.0.0.1:{port}/health",
+                          os.environ.get("CAREFL_CA_CERT", "/certs/ca.crt"))
+        elif role == "app-registry":
+            url = os.environ.get("CAREFL_REGISTRY_URL", "") or "https://app-registry:8443"
+            ok = https_ok(f"https://127.0.0.1:{urlsplit(url).port or 443}/health",
                           os.environ.get("CAREFL_CA_CERT", "/certs/ca.crt"))
         elif role == "supernode":
             port = os.environ.get("CAREFL_RUNTIME_PORT", "9094")

@@ -1,16 +1,28 @@
 """Talk to a CareFL SuperLink with the Flower CLI: register hospitals, submit and follow a run.
 
-Used by the `register` and `launch` roles of docker/entrypoint.sh; every step is a plain
-`flwr` command, printed before it runs, so an operator can repeat it by hand.
+Used by the `register`, `launch` and `flwr` roles of docker/entrypoint.sh; every step is a
+plain `flwr` command, printed before it runs, so an operator can repeat it by hand. The
+SuperLink's Control API is reachable only on the consortium's `control` network.
 
     python launch.py register        register every public key in $CAREFL_PUBKEYS_DIR
-    python launch.py run             wait for the hospitals, `flwr run --stream`, check status
+    python launch.py run             wait for the hospitals, sign and publish the app
+                                     (app_registry.py publish), `flwr run @<app>==<version>
+                                     --stream`, check the run's final status
+    python launch.py flwr ARGS...    any `flwr` command against the SuperLink (connection
+                                     `consortium`), e.g. `flwr ls consortium`
+
+Hospitals run only app bundles signed by a key in their trusted-entities.yaml, so the run
+is submitted by name from the consortium's app registry (docker/app_registry.py), never
+from a folder: a folder's bundle carries no signature in Flower 1.41.
 
 Environment
     CAREFL_SUPERLINK     host:port of the SuperLink (default superlink:8000)
     CAREFL_CA_CERT       CA certificate that signed the SuperLink's (default /certs/ca.crt)
     CAREFL_PUBKEYS_DIR   folder of <hospital>.pub files (default /certs/supernodes)
-    CAREFL_APP           the Flower app to submit (default /app)
+    CAREFL_APP           the Flower app to sign and submit (default /app)
+    CAREFL_APP_SPEC      submit this published app (@publisher/app==x.y.z) instead of
+                         signing $CAREFL_APP (the signing key then need not be here)
+    CAREFL_SIGNING_KEY, CAREFL_APPS_DIR   see app_registry.py
     CAREFL_OUTPUT_DIR    output_dir as seen by the ServerApp runtime (default /outputs)
     CAREFL_OVERRIDES     extra Hydra overrides, space-separated (e.g. "federation.rounds=2")
     CAREFL_MIN_NODES     hospitals that must be online before submitting (default 3)
@@ -22,12 +34,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import app_registry  # noqa: E402  (sits next to this file)
 
 CONNECTION = "consortium"
 
@@ -114,12 +127,12 @@ def run() -> None:
         sys.exit("launch: CAREFL_OVERRIDES must not contain single quotes")
     if not re.search(r"(^|\s)output_dir=", overrides):
         overrides = f"output_dir={_env('CAREFL_OUTPUT_DIR', '/outputs')} {overrides}".strip()
-    # `flwr run` may rewrite the app's pyproject.toml (it migrates a legacy
-    # [tool.flwr.federations] table); give it a writable copy, not the image's /app.
-    app = Path(tempfile.mkdtemp(prefix="carefl-app-")) / "app"
-    shutil.copytree(_env("CAREFL_APP", "/app"), app,
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".git"))
-    cmd = ["flwr", "run", str(app), CONNECTION, "--stream",
+    spec = _env("CAREFL_APP_SPEC", "")
+    if not spec:
+        spec = app_registry.publish(Path(_env("CAREFL_APP", "/app")),
+                                    Path(_env("CAREFL_SIGNING_KEY", "/keys/app-signing.key")),
+                                    Path(_env("CAREFL_APPS_DIR", "/apps")))
+    cmd = ["flwr", "run", spec, CONNECTION, "--stream",
            "--run-config", f"overrides='{overrides}'"]
     print("launch: " + " ".join(cmd[:5]) + f' --run-config "{cmd[6]}"', flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -157,6 +170,8 @@ def main() -> None:
         register()
     elif command == "run":
         run()
+    elif command == "flwr":
+        os.execvp("flwr", ["flwr", *sys.argv[2:]])
     else:
         sys.exit(__doc__)
 
