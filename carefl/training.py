@@ -20,9 +20,9 @@ from carefl.tasks import build_loss, compute_metrics
 class TrainResult:
     """What one local training call produced.
 
-    ``loss`` is the mean training loss over the steps whose batch had records (0.0 if none
-    had); ``steps`` the optimizer steps taken, empty Poisson batches included;
-    ``num_examples`` the size of the training set (not the number of batches).
+    ``loss`` is the mean task loss (without FedProx's proximal term) over the steps whose batch
+    had records (0.0 if none had); ``steps`` the optimizer steps taken, empty Poisson batches
+    included; ``num_examples`` the size of the training set (not the number of batches).
     """
 
     loss: float
@@ -69,14 +69,19 @@ def train_epochs(
       batch of 0 in Opacus' per-sample path), Opacus' own empty-batch path gives
       p.grad = noise / expected batch size, and the accountant records the step like any other.
 
-    ``prox_mu > 0`` adds FedProx's proximal term ``mu/2 * ||w - w_global||^2`` where
-    ``w_global`` are the parameters at entry (the global model this round started from).
-    Under DP-SGD the proximal term's gradient is part of every per-sample gradient, so it is
-    clipped and noised with the data term: the (epsilon, delta) guarantee is unchanged.
+    ``prox_mu > 0`` is FedProx: the gradient of ``mu/2 * ||w - w_global||^2``, i.e.
+    ``mu * (w - w_global)``, is added to every step's gradient, where ``w_global`` are the
+    parameters at entry (the global model this round started from). Under DP it is added AFTER
+    privatisation, to the clipped, noised gradient: a term that is not a per-sample loss would
+    never reach Opacus' per-sample gradients (Opacus replaces p.grad, so a proximal loss term
+    was silently dropped). Adding it afterwards is post-processing -- it depends only on the
+    public global model and the current weights, which are themselves DP outputs -- so the
+    (epsilon, delta) guarantee is exactly the one of DP-SGD without it.
     """
     loss_fn = build_loss(task)
-    anchor = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else None
     private = isinstance(optimizer, DPOptimizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
     model.train()
     total, with_records, steps = 0.0, 0, 0
     for _ in range(epochs):
@@ -89,13 +94,17 @@ def train_epochs(
                     p.grad_sample = p.new_zeros((0, *p.shape))
             else:
                 loss = loss_fn(model(images), labels)
-                if anchor is not None:
-                    prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-                    loss = loss + 0.5 * prox_mu * prox
                 loss.backward()
                 total += float(loss.detach())
                 with_records += 1
-            optimizer.step()
+            if private and not optimizer.pre_step():  # clip, noise, account; p.grad is private now
+                continue  # Opacus skips a step only for virtual batches, which CareFL never asks for
+            if anchor is not None:  # FedProx after privatisation: post-processing, see above
+                with torch.no_grad():
+                    for p, a in zip(params, anchor):
+                        prox = prox_mu * (p - a)
+                        p.grad = prox if p.grad is None else p.grad.add_(prox)
+            (optimizer.original_optimizer if private else optimizer).step()
             steps += 1
     return TrainResult(loss=total / max(with_records, 1), steps=steps, num_examples=len(loader.dataset))
 

@@ -1,5 +1,5 @@
-"""DP-SGD at its edges (issue 13, point 4): empty Poisson batches, and the plan (q, steps) against
-what the Opacus loader really runs and accounts for every k <= 1000."""
+"""DP-SGD at its edges (issue 13, points 3 and 4): FedProx under DP, empty Poisson batches, and
+the plan (q, steps) against what the Opacus loader really runs and accounts for every k <= 1000."""
 
 import math
 
@@ -38,6 +38,49 @@ def _tiny(n=8, seed=0):
 
 def _flat(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()]).double()
+
+
+# ---- point 3: FedProx under DP-SGD ----------------------------------------------------
+
+
+def _dp_train(monkeypatch, *, epochs, mu, batch_size, sigma=1.0, lr=0.05, n=8, noise_seed=7, model_seed=0):
+    """(weights before, weights after) of ``epochs`` DP-SGD epochs, SGD with momentum 0.9."""
+    _seeded(monkeypatch, noise_seed)
+    model, data = _tiny(n, model_seed)
+    start = _flat(model)
+    opt = make_optimizer(model, "sgd", lr)
+    dp_model, dp_opt, loader, _ = make_private(model, opt, DataLoader(data, batch_size=batch_size),
+                                               noise_multiplier=sigma, max_grad_norm=C)
+    train_epochs(dp_model, dp_opt, loader, CLS, epochs, prox_mu=mu)
+    return start, _flat(model)
+
+
+@pytest.mark.parametrize("mu", [0.1, 3.0, 1e4])
+@pytest.mark.parametrize("model_seed, noise_seed", [(0, 7), (1, 11), (2, 123)])
+def test_fedprox_changes_the_dp_update_by_exactly_its_proximal_gradient(monkeypatch, mu, model_seed, noise_seed):
+    """Batch = whole training set (q = 1) and seeded sampling/noise, so runs differ only by mu.
+    Step 1 starts at w_global (proximal gradient 0); step 2 then differs by exactly
+    -lr * mu * (w1 - w_global), momentum or not (the momentum buffer holds step 1 only)."""
+    lr, kw = 0.05, dict(batch_size=8, lr=0.05, noise_seed=noise_seed, model_seed=model_seed)
+    w0, w1 = _dp_train(monkeypatch, epochs=1, mu=mu, **kw)
+    _, w1_without = _dp_train(monkeypatch, epochs=1, mu=0.0, **kw)
+    assert torch.equal(w1, w1_without)  # the proximal gradient vanishes at w_global
+    _, w2_without = _dp_train(monkeypatch, epochs=2, mu=0.0, **kw)
+    _, w2_with = _dp_train(monkeypatch, epochs=2, mu=mu, **kw)
+    expected = -lr * mu * (w1 - w0)
+    assert expected.abs().max() > 1e-5  # mu makes a difference worth measuring
+    # float32 weights: a few roundings of values up to |w2| each
+    atol = 1e-6 * (1 + max(w2_with.abs().max(), w2_without.abs().max()))
+    assert torch.allclose(w2_with - w2_without, expected, rtol=1e-3, atol=float(atol))
+
+
+def test_fedprox_under_dp_keeps_weights_near_the_global_model(monkeypatch):
+    """q = 1/4, 10 epochs, identical batches and noise: mu = 2 pulls the weights to w_global."""
+    drift = {}
+    for mu in (0.0, 2.0):
+        start, end = _dp_train(monkeypatch, epochs=10, mu=mu, batch_size=2, sigma=0.5, lr=0.05)
+        drift[mu] = float((end - start).norm())
+    assert drift[2.0] < 0.7 * drift[0.0]
 
 
 # ---- point 4a: empty Poisson batches --------------------------------------------------
