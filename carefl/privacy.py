@@ -5,9 +5,9 @@ The guarantee
 Each hospital h trains with DP-SGD (Abadi et al. 2016) as implemented by Opacus:
 
 - every local step draws a batch by **Poisson sampling**: each record of h's training set
-  (size N) joins the batch independently with probability q. Opacus sets
-  ``q = 1 / len(loader) = 1 / ceil(N / batch_size)`` (= batch_size / N when batch_size
-  divides N); :func:`sample_rate` returns exactly that q;
+  (size N) joins the batch independently with probability at most q = 1 / ceil(N / batch_size)
+  (:func:`sample_rate`; exactly floor(q * 2^24) / 2^24, torch.rand's grid); one epoch is
+  exactly ceil(N / batch_size) steps, each accounted at q;
 - every per-sample gradient is **clipped** to L2 norm at most ``C = max_grad_norm``;
 - the clipped sum gets **Gaussian noise** N(0, (sigma * C)^2 I), sigma = ``noise_multiplier``.
 
