@@ -47,10 +47,10 @@ def test_cells_use_f_of_20_percent_and_bulyan_gets_its_hospitals():
     rm = _module()
     args = rm.parse_args([])
     overrides, n, f = rm.cell_overrides(args, "bulyan", "alie")
-    assert (n, f) == (11, 2)
+    assert (n, f) == (13, 2)  # 4f+3 usable after the norm bound leaves f attackers out
     cfg = compose_config(overrides)
-    assert cfg.strategy.f == 2 and len(cfg.federation.hospitals) == 11
-    assert byzantine_indices(cfg.attack, n) == [9, 10]  # h00..h07, evaluated everywhere, stay honest
+    assert cfg.strategy.f == 2 and len(cfg.federation.hospitals) == 13
+    assert byzantine_indices(cfg.attack, n) == [11, 12]  # h00..h07, evaluated everywhere, stay honest
     overrides, n, f = rm.cell_overrides(args, "fedavg", "none")
     cfg = compose_config(overrides)
     assert (n, f) == (10, 2) and cfg.strategy.f == 0 and byzantine_indices(cfg.attack, n) == []
