@@ -9,7 +9,8 @@ Flower side: the pure aggregation code of flwr.serverapp.strategy, called direct
   FedTrimmedAvg  per layer ``fedtrimmedavg.trim_mean(np.stack(layers), beta=f/n)``
   Krum/MultiKrum ``multikrum.select_multikrum(RecordDicts, f, m)`` + ``aggregate_arrayrecords``
   Bulyan         ``select_multikrum(..., theta=n-2f)`` + per-layer ``np.median`` +
-                 ``bulyan.aggregate_n_closest_weights(..., beta=theta-2f)``
+                 ``bulyan.aggregate_n_closest_weights(..., beta=theta-2f)`` (one-shot; equal
+                 to the published recursive selection on this input)
 Flower's median / trimmed mean get the layers as numpy views (no deserialisation counted);
 Krum, MultiKrum and Bulyan take RecordDicts and deserialise inside, as in a real round.
 
@@ -91,10 +92,12 @@ def main() -> None:
     sizes = [int(np.prod(s)) for s in shapes]
     d = sum(sizes)
     gen = torch.Generator().manual_seed(ARGS.seed)
-    # hospital i's spread grows with i and f outliers sit at +1: Krum scores are well apart,
-    # so both libraries must pick the same updates (no float-rounding near-ties)
+    # hospital i's spread grows with i and the f outliers sit at +1, +2, ...: Krum scores are
+    # well apart (no float-rounding near-ties), and the outliers are far from each other, so
+    # the recursive Bulyan (CareFL, Flower's legacy aggregate_bulyan) and Flower 1.41's
+    # one-shot Bulyan pick the same updates
     x = torch.randn(n, d, generator=gen) * (1e-3 * (1 + torch.arange(n) / n))[:, None]
-    x[:f] += 1.0
+    x[:f] += torch.arange(1, f + 1, dtype=x.dtype)[:, None]
 
     # the same numbers as Flower sees them: per hospital, one numpy view per layer
     bounds = np.cumsum([0, *sizes])

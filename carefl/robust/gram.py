@@ -1,4 +1,5 @@
-"""Gram matrix ``X X^T`` of a few long float32 rows: the one numeric kernel CareFL writes by hand.
+"""Gram matrix ``X X^T`` of a few long float32 rows: the float32 Gram kernel (the float64 and
+exact kernels are in linalg.py).
 
 Krum, Multi-Krum and Bulyan need every pairwise distance between the hospitals' updates, that
 is the Gram matrix of the float32 ``(n, d)`` update matrix, with n ~ 20 and d ~ 10^7. None of
