@@ -40,11 +40,15 @@ _TILE = 4
 
 @njit(fastmath={"reassoc", "contract"}, nogil=True)
 def _tile(a0, a1, a2, a3, b0, b1, b2, b3, out):
-    """``out[p, q] = sum_k a_p[k] b_q[k]`` in float32 (4 x 4), over equal-length rows. The loop
-    runs from 0 over 1-D row slices that numba types as contiguous, so it drops its wrap-around
-    check and vectorises the loop (an offset range or a 2-D column slice is 7-11x slower)."""
-    s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = np.float32(0.0)
-    s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = np.float32(0.0)
+    """``out[p, q] = sum_k a_p[k] b_q[k]`` (4 x 4) over equal-length rows, accumulated in
+    ``out``'s dtype: float32 for this module's Gram, float64 for the centred Gram of
+    :mod:`carefl.robust.linalg` (numba compiles one version per dtype). The loop runs from 0
+    over 1-D row slices that numba types as contiguous, so it drops its wrap-around check and
+    vectorises the loop (an offset range or a 2-D column slice is 7-11x slower)."""
+    out[0, 0] = 0.0
+    zero = out[0, 0]  # 0 in out's dtype
+    s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
+    s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = zero
     for k in range(a0.shape[0]):
         p0, p1, p2, p3 = a0[k], a1[k], a2[k], a3[k]
         q0, q1, q2, q3 = b0[k], b1[k], b2[k], b3[k]

@@ -23,6 +23,7 @@ import torch
 from numba import njit
 from torch import Tensor
 
+from carefl.robust.gram import _tile
 from carefl.robust.gram import gram as gram_matrix
 from carefl.robust.networks import selection_network
 
@@ -75,37 +76,6 @@ def _centre_row(xi, ci, yi):
         yi[k] = np.float64(xi[k]) - np.float64(ci[k])
 
 
-@njit(fastmath={"reassoc", "contract"}, nogil=True)
-def _tile64(a0, a1, a2, a3, b0, b1, b2, b3, out):
-    """``out[p, q] = sum_k a_p[k] b_q[k]`` in float64 (4 x 4), in any order the compiler picks
-    (the same shape as :func:`carefl.robust.gram._tile`, one precision up)."""
-    s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = 0.0
-    s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = 0.0
-    for k in range(a0.shape[0]):
-        p0, p1, p2, p3 = a0[k], a1[k], a2[k], a3[k]
-        q0, q1, q2, q3 = b0[k], b1[k], b2[k], b3[k]
-        s00 += p0 * q0
-        s01 += p0 * q1
-        s02 += p0 * q2
-        s03 += p0 * q3
-        s10 += p1 * q0
-        s11 += p1 * q1
-        s12 += p1 * q2
-        s13 += p1 * q3
-        s20 += p2 * q0
-        s21 += p2 * q1
-        s22 += p2 * q2
-        s23 += p2 * q3
-        s30 += p3 * q0
-        s31 += p3 * q1
-        s32 += p3 * q2
-        s33 += p3 * q3
-    out[0, 0], out[0, 1], out[0, 2], out[0, 3] = s00, s01, s02, s03
-    out[1, 0], out[1, 1], out[1, 2], out[1, 3] = s10, s11, s12, s13
-    out[2, 0], out[2, 1], out[2, 2], out[2, 3] = s20, s21, s22, s23
-    out[3, 0], out[3, 1], out[3, 2], out[3, 3] = s30, s31, s32, s33
-
-
 @njit(nogil=True)
 def _lower_centred_gram(x, rows, centre, lo, hi, block):
     """Lower triangle of the float64 Gram of ``x[rows, lo:hi] - x[centre, lo:hi]``: each column
@@ -128,7 +98,7 @@ def _lower_centred_gram(x, rows, centre, lo, hi, block):
             for j0 in range(0, i0 + 1, 4):
                 b0, b1 = y[j0, :w], y[min(j0 + 1, last), :w]
                 b2, b3 = y[min(j0 + 2, last), :w], y[min(j0 + 3, last), :w]
-                _tile64(a0, a1, a2, a3, b0, b1, b2, b3, out)
+                _tile(a0, a1, a2, a3, b0, b1, b2, b3, out)
                 for p in range(min(4, n - i0)):
                     for q in range(min(4, i0 + p - j0 + 1)):
                         g[i0 + p, j0 + q] += out[p, q]
