@@ -7,7 +7,7 @@ data, not on a run. What protects it, and against whom:
 - **Races** (two runs, or two rounds, on one state dir at once): :func:`locked` holds an
   exclusive ``fcntl.flock`` on ``<state-dir>/.lock`` for the whole load -> check -> train ->
   save sequence, so the second waits for the first and accounts on top of it.
-- **Crashes**: :func:`reserve` writes the history *with the round's planned steps already
+- **Crashes**: :func:`save` with ``base=`` writes the history *with the round's planned steps already
   added* before training starts (write-ahead); a crash during training can only over-count.
   Writes are atomic (tmp + fsync + rename), so a file is never torn.
 - **Edits and resets** by anyone without the hospital's signing key (a careless operator, a

@@ -40,7 +40,6 @@ from torch import Tensor
 from carefl import robust
 from carefl.ledger import hash_state_dict
 from carefl.receipts import receipt_problem
-from carefl.request import NAME
 
 MAX_RECEIPT_CHARS = 16384
 MAX_REASON_CHARS = 2000
