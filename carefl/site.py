@@ -206,9 +206,11 @@ def read_policy(node_config: Mapping[str, Any], request: Request) -> SitePolicy:
         raise ConfigError(f"delta={delta} in {values['delta'][1]} must be in (0, 1), e.g. 1e-6 (< 1/N)")
     data_path = str(values["data-path"][0]) if "data-path" in values else None
     site = _synthetic_site(data_path, values)
-    if simulated and data_path is None:
-        site = int(node_config["partition-id"])
-    index = site if site is not None else -1
+    if simulated:  # its position in federation.hospitals, whatever its data (label flipping reads it)
+        index = int(node_config["partition-id"])
+        site = index if data_path is None else site
+    else:
+        index = site if site is not None else -1
     limits = {k: _number(values, k, integer=True) for k in ("max-local-epochs", "max-batch-size", "max-rounds")}
     bad = [k for k, v in limits.items() if v < 1]
     if bad:

@@ -253,3 +253,17 @@ def test_evaluation_requests_follow_the_same_policy(tmp_path):
     text, state = request()
     reply = handle(EVALUATE, text, state, node(tmp_path))
     assert reply.status == "ok" and 0 <= reply.metrics["dice"] <= 1 and reply.metrics["num_examples"] > 0
+
+
+def test_a_simulated_hospital_keeps_its_partition_index_whatever_its_data():
+    """Label flipping and the non-DP batch order read a simulated hospital's index: it is its
+    partition, also when its data comes from a file (data.datalists) rather than the demo."""
+    from carefl.request import simulation_section
+    from carefl.site import read_policy
+
+    cfg = compose_config(["data=decathlon", "+data.datalists={riverside:/data/riv.json}"])
+    request = parse_request(build_request(cfg, 1, RUN, None, simulation_section(cfg, "/run")), simulated=True)
+    policy = read_policy({"partition-id": 1, "num-partitions": 3}, request)
+    assert (policy.hospital, policy.index, policy.synthetic_site, policy.data_path) == ("riverside", 1, None, "/data/riv.json")
+    demo = read_policy({"partition-id": 2, "num-partitions": 3}, request)
+    assert (demo.hospital, demo.index, demo.synthetic_site) == ("northfield", 2, 2)
