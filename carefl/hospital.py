@@ -177,9 +177,7 @@ def train_round(request: Request, policy: SitePolicy, global_state: dict[str, to
         key = SigningKey.load_or_create(policy.key_file)
         receipts = ReceiptLog(policy.state_dir / LOG_FILE)
         try:
-            refusal = admit(policy, request)
-            if refusal:
-                raise ConfigError(refusal)
+            admit(policy, request)
             reply, history = _train_locked(request, policy, global_state, key, receipts)
         except (CareFLError, RuntimeError) as err:  # RuntimeError: load_state_dict of a foreign model
             reply, history = _refusal(policy.hospital, TRAIN, err), None
@@ -270,9 +268,7 @@ def handle(kind: str, request_text: str, global_state: Mapping[str, torch.Tensor
         torch.set_num_threads(policy.torch_threads or min(int(request.config.federation.torch_threads), os.cpu_count() or 1))
         if kind == TRAIN:
             return train_round(request, policy, dict(global_state))
-        refusal = admit(policy, request)
-        if refusal:
-            raise ConfigError(refusal)
+        admit(policy, request)
         return evaluate_round(request, policy, dict(global_state))
     except (CareFLError, RuntimeError) as err:  # before the key is at hand: refused, unsigned
         return _refusal(name, kind, err)

@@ -49,6 +49,7 @@ from typing import Any, Mapping
 import yaml
 
 from carefl.errors import ConfigError
+from carefl.receipts import KEY_FILE
 from carefl.request import NAME, Request
 
 #: keys Flower's simulation engine sets itself
@@ -137,8 +138,8 @@ def _names(values: dict, key: str) -> tuple[str, ...] | None:
     return names
 
 
-def _simulated_defaults(node_config: Mapping[str, Any], request: Request) -> tuple[str, dict[str, Any]]:
-    """A simulated hospital's name and stand-in node config, from the run's own config."""
+def _simulated_defaults(node_config: Mapping[str, Any], request: Request) -> dict[str, Any]:
+    """A simulated hospital's stand-in node config, from the run's own config."""
     sim = request.simulation
     if sim is None:
         raise ConfigError("a simulated hospital needs the request's simulation section; the server sent none")
@@ -160,7 +161,7 @@ def _simulated_defaults(node_config: Mapping[str, Any], request: Request) -> tup
     }
     if name in sim["data_files"]:
         stand_in["data-path"] = str(sim["data_files"][name])
-    return name, {**stand_in, **dict(sim["site_policies"].get(name) or {})}
+    return {**stand_in, **dict(sim["site_policies"].get(name) or {})}
 
 
 def read_policy(node_config: Mapping[str, Any], request: Request) -> SitePolicy:
@@ -183,7 +184,7 @@ def read_policy(node_config: Mapping[str, Any], request: Request) -> SitePolicy:
     simulated = "partition-id" in node_config
     values: dict[str, tuple[Any, str]] = {k: (v, "the default") for k, v in DEFAULTS.items()}
     if simulated:
-        _, stand_in = _simulated_defaults(node_config, request)
+        stand_in = _simulated_defaults(node_config, request)
         values.update({k: (v, "the simulation's config (federation.site_policies)") for k, v in stand_in.items()})
     if "site-policy" in node_config:
         path = str(node_config["site-policy"])
@@ -219,7 +220,7 @@ def read_policy(node_config: Mapping[str, Any], request: Request) -> SitePolicy:
     if threads is not None and not 1 <= threads <= 1024:
         raise ConfigError(f"torch-threads={threads} in {values['torch-threads'][1]} must be in 1..1024")
     state_dir = Path(str(values["state-dir"][0])).expanduser()
-    key_file = Path(str(values["key-file"][0])).expanduser() if "key-file" in values else state_dir / "hospital_key.pem"
+    key_file = Path(str(values["key-file"][0])).expanduser() if "key-file" in values else state_dir / KEY_FILE
     return SitePolicy(
         hospital=name, simulated=simulated, index=index, state_dir=state_dir, data_path=data_path,
         synthetic_site=site, require_dp=_flag(values, "require-dp"), epsilon_cap=cap, delta=delta,
@@ -238,13 +239,17 @@ def _synthetic_site(data_path: str | None, values: dict) -> int | None:
     return int(index)
 
 
-def admit(policy: SitePolicy, request: Request) -> str | None:
-    """Why this hospital refuses ``request`` (one line for the server), or None to go ahead."""
+def admit(policy: SitePolicy, request: Request) -> None:
+    """Go ahead with ``request``, or raise why this hospital refuses it.
+
+    Raises:
+        ConfigError: one line for the server naming the request key and the policy key.
+    """
     cfg = request.config
     fed, privacy = cfg.federation, cfg.privacy
     if policy.require_dp and not privacy.enabled:
-        return ("this hospital's policy requires DP-SGD (require-dp=true) but the request has "
-                "privacy.enabled=false; run with privacy=dp")
+        raise ConfigError("this hospital's policy requires DP-SGD (require-dp=true) but the request has "
+                          "privacy.enabled=false; run with privacy=dp")
     checks = (
         (fed.local_epochs <= policy.max_local_epochs, f"federation.local_epochs={fed.local_epochs} exceeds max-local-epochs={policy.max_local_epochs}"),
         (fed.batch_size <= policy.max_batch_size, f"federation.batch_size={fed.batch_size} exceeds max-batch-size={policy.max_batch_size}"),
@@ -257,4 +262,6 @@ def admit(policy: SitePolicy, request: Request) -> str | None:
          f"data={cfg.data.name} does not match this hospital's data-path (synthetic:<i> is the demo data, "
          "anything else a datalist or npz)"),
     )
-    return next((f"site policy: {why}" for ok, why in checks if not ok), None)
+    refusal = next((why for ok, why in checks if not ok), None)
+    if refusal:
+        raise ConfigError(f"site policy: {refusal}")
