@@ -16,7 +16,6 @@ and hands the checked replies to :class:`Federation`, which
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -87,10 +86,20 @@ class Federation:
             self.ledger = Ledger(self.run_dir / "ledger.jsonl", expect_head=state["ledger_head"])
         else:
             self.ledger = Ledger(self.run_dir / "ledger.jsonl")
-            self.ledger.append("start", round=0, config_hash=self.config_hash,
-                               model_after=hash_state_dict(self.global_state))
+            self.ledger.append("start", round=0, config_hash=self.config_hash, model_after=self.model_hash)
         #: what hospitals sign receipts for: the hash of the ledger's first entry
-        self.run_id = json.loads((self.run_dir / "ledger.jsonl").open(encoding="utf-8").readline())["hash"]
+        self.run_id = self.ledger.first
+
+    @property
+    def global_state(self) -> dict[str, torch.Tensor]:
+        """The global model's state dict; :attr:`model_hash` is its ``hash_state_dict``,
+        computed once per new model (the ledger, the round's receipts and checks read it)."""
+        return self._global_state
+
+    @global_state.setter
+    def global_state(self, state: dict[str, torch.Tensor]) -> None:
+        self._global_state = state
+        self.model_hash = hash_state_dict(state)
 
     # ---- rounds -------------------------------------------------------------------------
     def aggregate(self, server_round: int, replies: list[TrainReply]) -> RoundSummary:
@@ -110,7 +119,7 @@ class Federation:
             accepted, updates = [accepted[i] for i in keep], updates[keep]
         for name, reason in rejected.items():
             log.warning("round %d: left out %s: %s", server_round, name, reason)
-        model_before = hash_state_dict(self.global_state)
+        model_before = self.model_hash
         per_hospital = {r.hospital: _not_aggregated(r, rejected[r.hospital]) for r in replies if r.hospital in rejected}
         if len(accepted) < fed.min_hospitals:
             self._record_stop(server_round, replies, rejected, per_hospital, model_before)
@@ -138,7 +147,7 @@ class Federation:
         robust_record = {n: {**signals[n], "reputation": reputation[n]} for n in names}
         self.report.add_round(server_round, replies, robust_record, rejected)
         self.ledger.append("round", round=server_round, config_hash=self.config_hash,
-                           model_before=model_before, model_after=hash_state_dict(self.global_state),
+                           model_before=model_before, model_after=self.model_hash,
                            hospitals=per_hospital)
         return RoundSummary(server_round, names, rejected, {r.hospital: r.metrics["train_loss"] for r in accepted if "train_loss" in r.metrics})
 
@@ -186,6 +195,6 @@ class Federation:
         final = self.run_dir / "model_final.pt"
         checkpoint.atomic_save(self.global_state, final)
         self.ledger.append("end", round=self.next_round - 1, config_hash=self.config_hash,
-                           model_after=hash_state_dict(self.global_state))
+                           model_after=self.model_hash)
         log.info("results:\n%s", self.report.finish(status, message))
         return final

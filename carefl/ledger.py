@@ -289,11 +289,17 @@ class Ledger:
         self._count = len(entries)
         self._last_kind = entries[-1]["kind"] if entries else None
         self._head = entries[-1]["hash"] if entries else GENESIS
+        self._first = entries[0]["hash"] if entries else None
 
     @property
     def head(self) -> str:
         """Hash of the last entry (:data:`GENESIS` for an empty ledger)."""
         return self._head
+
+    @property
+    def first(self) -> str | None:
+        """Hash of entry 0 (None for an empty ledger): the run id hospitals sign receipts for."""
+        return self._first
 
     def __len__(self) -> int:
         return self._count
@@ -339,6 +345,7 @@ class Ledger:
             os.fsync(f.fileno())
         if self._count == 0:
             fsync_dir(self.path.parent)  # the file's creation is durable too
+            self._first = entry["hash"]
         self._count += 1
         self._last_kind = kind
         self._head = entry["hash"]

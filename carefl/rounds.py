@@ -33,7 +33,6 @@ from torch import Tensor
 from carefl.config import validate
 from carefl.errors import CareFLError, ConfigError
 from carefl.federation import Federation, FederationStopped
-from carefl.ledger import hash_state_dict
 from carefl.receipts import SigningKey, sign_head
 from carefl.replies import RawReply, RoundContext, TrainReply, check_eval_reply, check_train_reply
 from carefl.request import build_request, simulation_section
@@ -172,7 +171,7 @@ def _train_phase(transport: Transport, fed: Federation, request: str, nodes: lis
     a ``no-reply`` record. Returns (replies, node id -> hospital of the authenticated ones)."""
     cfg = fed.cfg
     hospitals, timeout = list(cfg.federation.hospitals), float(cfg.federation.round_timeout_s)
-    ctx = RoundContext(hospitals, fed.run_id, server_round, fed.global_state, hash_state_dict(fed.global_state),
+    ctx = RoundContext(hospitals, fed.run_id, server_round, fed.global_state, fed.model_hash,
                        bool(cfg.privacy.enabled), fed.hospital_keys)
     replies, names = [], {}
     stream = transport.exchange(TRAIN, nodes, request, fed.global_state, server_round, timeout)
@@ -217,7 +216,7 @@ def run_federation(transport: Transport, cfg: DictConfig, overrides: Sequence[st
     fed = Federation(cfg, run_dir, build_model(cfg).state_dict(), resume=resume, simulated=transport.simulated)
     server_key = _server_key(cfg)
     simulation = simulation_section(cfg, str(run_dir)) if transport.simulated else None
-    nodes = wait_for_nodes(transport, cfg)
+    wait_for_nodes(transport, cfg)
     seen: set[str] = set()
     status, message = "completed", ""
     for server_round in range(fed.next_round, cfg.federation.rounds + 1):
