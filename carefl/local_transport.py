@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from torch import Tensor
 
 from carefl.hospital import HospitalReply, handle
-from carefl.replies import ArrayView, RawReply
+from carefl.replies import ArrayView, RawReply, dtype_name
 
 
 def raw_reply(node_id: int, reply: HospitalReply) -> RawReply:
@@ -25,8 +25,8 @@ def raw_reply(node_id: int, reply: HospitalReply) -> RawReply:
               "receipt": json.dumps(reply.receipt) if reply.receipt is not None else ""}
     arrays = None
     if reply.state is not None:
-        arrays = {k: ArrayView(str(v.dtype).removeprefix("torch."), tuple(v.shape), v.numel() * v.element_size(),
-                               lambda v=v: v.clone()) for k, v in reply.state.items()}
+        arrays = {k: ArrayView(dtype_name(v), tuple(v.shape), v.numel() * v.element_size(), lambda v=v: v.clone())
+                  for k, v in reply.state.items()}
     return RawReply(node_id, status=status, metrics=dict(reply.metrics), arrays=arrays)
 
 

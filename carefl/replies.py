@@ -152,11 +152,16 @@ def _arrays_problem(arrays: Any, global_state: Mapping[str, Tensor]) -> str | No
     for key, g in global_state.items():
         view = arrays[key]
         expected = g.numel() * g.element_size()
-        if (view.dtype != str(g.dtype).removeprefix("torch.") or tuple(view.shape) != tuple(g.shape)
+        if (view.dtype != dtype_name(g) or tuple(view.shape) != tuple(g.shape)
                 or not 0 <= view.nbytes <= expected + NPY_HEADER_SLACK):
             return (f"{key} is declared {view.dtype} {tuple(view.shape)} ({view.nbytes} bytes), expected "
-                    f"{str(g.dtype).removeprefix('torch.')} {tuple(g.shape)}")
+                    f"{dtype_name(g)} {tuple(g.shape)}")
     return None
+
+
+def dtype_name(tensor: Tensor) -> str:
+    """The numpy name of a tensor's dtype (``float32``): how a reply declares its arrays."""
+    return str(tensor.dtype).removeprefix("torch.")
 
 
 def check_train_reply(raw: RawReply, ctx: RoundContext) -> tuple[TrainReply | None, str]:

@@ -149,24 +149,8 @@ def make_server_cert(
     return key, cert
 
 
-def make_node_keypair() -> tuple[bytes, bytes]:
-    """SuperNode authentication key pair: EC P-384 in OpenSSH format (what Flower reads)."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.OpenSSH,
-        serialization.NoEncryption(),
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    return private, public + b"\n"
-
-
-def make_signing_keypair() -> tuple[bytes, bytes]:
-    """App-signing key pair: Ed25519 in OpenSSH format, the only kind Flower's
-    `--trusted-entities` accepts."""
-    key = ed25519.Ed25519PrivateKey.generate()
+def _openssh_pair(key) -> tuple[bytes, bytes]:
+    """(private key, public key) of ``key`` in OpenSSH format, the private one unencrypted."""
     private = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.OpenSSH,
@@ -176,6 +160,18 @@ def make_signing_keypair() -> tuple[bytes, bytes]:
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
     return private, public
+
+
+def make_node_keypair() -> tuple[bytes, bytes]:
+    """SuperNode authentication key pair: EC P-384 in OpenSSH format (what Flower reads)."""
+    private, public = _openssh_pair(ec.generate_private_key(ec.SECP384R1()))
+    return private, public + b"\n"
+
+
+def make_signing_keypair() -> tuple[bytes, bytes]:
+    """App-signing key pair: Ed25519 in OpenSSH format, the only kind Flower's
+    `--trusted-entities` accepts."""
+    return _openssh_pair(ed25519.Ed25519PrivateKey.generate())
 
 
 def signing_key_id(public_openssh: bytes) -> str:
