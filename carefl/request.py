@@ -43,11 +43,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from carefl.config import SAFE_NAME
 from carefl.errors import CareFLError
 from carefl.receipts import head_problem
 
-#: a name: model, task, loss, optimizer, hospital ... (no path separator, no ``$``)
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: a name: model, task, loss, optimizer, hospital ... (no path separator, no ``$``): the same
+#: rule as the server's config edge
+NAME = SAFE_NAME
 HEX64 = re.compile(r"[0-9a-f]{64}")
 #: a request larger than this (JSON text, characters) is refused before it is parsed
 MAX_REQUEST_CHARS = 65536
