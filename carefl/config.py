@@ -350,6 +350,10 @@ def _check_data(cfg: DictConfig, side: tuple[int, int]) -> None:
             _integer(cfg, f"data.{key}", 1, 100_000, 300 if key == "n_train" else 32)
     if "test_fraction" in data:
         _number(cfg, "data.test_fraction", 0, 1, 0.25, high_open=True)
+    if "site_mix_alpha" in data:  # synthetic: Dirichlet scanner mix per hospital
+        _number(cfg, "data.site_mix_alpha", 0, 1e6, 0.5, nullable=True)
+    if "site_mix_sites" in data:
+        _integer(cfg, "data.site_mix_sites", 1, 1000, 10)
     if "spatial_size" in data:  # decathlon: every image is resized to it
         sizes = _integers(cfg, "data.spatial_size", 8, 1024, "[64,64]")
         _require(

@@ -91,6 +91,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "name": Field("name"), "image_size": _opt("int", 4, 4096), "image_size_3d": _opt("int", 4, 1024),
         "n_train": _opt("int", 1, 10**7), "n_test": _opt("int", 1, 10**7),
         "spatial_size": _opt("ints", 4, 4096), "test_fraction": _opt("float", 0.0, 1.0),
+        "site_mix_alpha": _opt("float", 1e-6, 1e6, nullable=True), "site_mix_sites": _opt("int", 1, 1000),
     },
     "federation": {
         "rounds": Field("int", 1, 10**6), "local_epochs": Field("int", 1, 10**4),

@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
+from carefl.config import compose_config
 from carefl.data import HospitalData, load_hospital
 from carefl.data.synthetic import SITES, site_profile
 from carefl.errors import ConfigError, DataError
@@ -119,6 +120,25 @@ def test_procedural_sites_are_stable_and_distinct():
     cfg = make_cfg(*SMALL)
     a, b = load_hospital(cfg, "h7", 7), load_hospital(cfg, "h8", 8)
     assert not torch.equal(a.train.tensors[0][: len(b.train)].mean((1, 2, 3)), b.train.tensors[0][: len(a.train)].mean((1, 2, 3)))
+
+
+def test_site_mix_alpha_dials_scanner_heterogeneity_between_hospitals():
+    """Dirichlet(alpha) scanner mixes: alpha=100 makes riverside and st-mary the same even mix
+    of the 3 scanners (their mean intensities meet); null keeps each on its own scanner."""
+    def mean_gap(*extra):
+        cfg = make_cfg("data.image_size=16", "data.n_train=200", "data.n_test=8", "data.site_mix_sites=3", *extra)
+        a, b = (float(load_hospital(cfg, h, i).train.tensors[0].mean()) for i, h in ((0, "a"), (1, "b")))
+        return abs(a - b) / max(a, b)
+
+    own, mixed = mean_gap(), mean_gap("data.site_mix_alpha=100")
+    assert own > 0.3 and mixed < 0.1, (own, mixed)
+    cfg = make_cfg(*SMALL, "data.site_mix_alpha=0.5")
+    first, again = load_hospital(cfg, "a", 4), load_hospital(cfg, "a", 4)
+    assert torch.equal(first.train.tensors[0], again.train.tensors[0])
+    assert len(first.train) == round(16 * site_profile(4).size_scale) and len(first.test) == 8
+    for bad in ("data.site_mix_alpha=0", "data.site_mix_alpha=-1", "data.site_mix_sites=0"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.")):
+            compose_config([bad])
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ import math
 import torch
 
 from carefl.robust.bucketing import Bucketing
-from carefl.robust.clipping import NormClip
+from carefl.robust.clipping import AdaptiveRobustClip, NormClip
 from carefl.robust.nnm import NearestNeighbourMixing
 from carefl.robust.server_opt import FedAdam, FedAvgM, ServerSGD
 
@@ -19,6 +19,34 @@ def test_norm_clip_fixed_and_median_radius():
     out, _ = NormClip(tau=None)(torch.tensor([[1.0, 0.0], [0.0, 2.0], [6.0, 8.0]]))
     # median norm 2: the first two pass, the third is scaled from norm 10 to 2
     assert torch.allclose(out, torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.2, 1.6]]))
+
+
+def test_arc_clips_the_k_largest_to_the_next_norm_by_hand():
+    # n=5, f=1: k = floor(2 * 1/5 * 4) = 1 -> only the largest (norm 10) is cut to the 2nd (norm 3)
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [6.0, 8.0], [0.0, 3.0], [0.5, 0.0]])
+    out, owner = AdaptiveRobustClip(f=1)(x)
+    assert torch.allclose(out, torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.8, 2.4], [0.0, 3.0], [0.5, 0.0]]))
+    assert owner.tolist() == [0, 1, 2, 3, 4]
+    assert torch.equal(AdaptiveRobustClip(f=0)(x)[0], x)  # k = 0: nothing changes
+
+
+def test_arc_bounds_every_row_by_the_longest_honest_update_whatever_the_attackers_send():
+    """The guarantee in the docstring: for f <= n/2, after ARC no row is longer than the
+    longest honest row, wherever the f attackers sit and whatever norms they choose."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        n = int(torch.randint(2, 16, (1,), generator=gen))
+        f = int(torch.randint(0, n // 2 + 1, (1,), generator=gen))
+        honest = torch.randn(n - f, 7, generator=gen) * torch.rand(n - f, 1, generator=gen) * 5
+        attack = torch.randn(f, 7, generator=gen) * 10.0 ** torch.randint(-3, 7, (f, 1), generator=gen)
+        rows = torch.cat([honest, attack])[torch.randperm(n, generator=gen)]
+        out, _ = AdaptiveRobustClip(f=f)(rows)
+        longest_honest = honest.norm(dim=1).max() if n > f else torch.tensor(0.0)
+        assert out.norm(dim=1).max() <= longest_honest * (1 + 1e-5) + 1e-6, (trial, n, f)
+        k = math.floor(2 * f * (n - f) / n)
+        # the n - k shortest rows are untouched
+        keep = torch.argsort(rows.norm(dim=1), stable=True)[: n - k]
+        assert torch.equal(out[keep], rows[keep]), (trial, n, f)
 
 
 def test_nnm_by_hand():

@@ -30,17 +30,43 @@ def test_tiny_matrix_writes_csv_markdown_and_heatmap(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(tmp_path / "robustness_matrix.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["rule", "attack", "hospitals", "f", "dice", "worst_dice", "rounds", "status", "seconds"]
+    assert list(rows[0]) == ["task", "alpha", "seed", "rule", "attack", "hospitals", "f", "metric", "score", "worst",
+                             "rounds", "status", "seconds"]
     assert [(r["rule"], r["attack"]) for r in rows] == [
         ("fedavg", "none"), ("fedavg", "signflip"), ("median", "none"), ("median", "signflip")]
     for r in rows:
-        assert 0.0 <= float(r["worst_dice"]) <= float(r["dice"]) <= 1.0, r
+        assert (r["task"], r["alpha"], r["seed"], r["metric"]) == ("seg", "own", "0", "dice")
+        assert 0.0 <= float(r["worst"]) <= float(r["score"]) <= 1.0, r
         assert r["hospitals"] == "10" and r["rounds"] == "1" and r["status"] == "completed"
         assert r["f"] == ("0" if r["attack"] == "none" else "2")
     table = (tmp_path / "robustness_matrix.md").read_text()
     assert "| fedavg |" in table and "| median |" in table and "Clean reference (FedAvg, no attack)" in table
     assert table.splitlines()[0] in proc.stdout  # the table is printed too
     assert (tmp_path / "robustness_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tiny_classification_cells_run_on_label_skewed_digits_files(tmp_path):
+    """--tasks cls: real images (scikit-learn's digits) split by Dirichlet(alpha), read from npz."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--tasks", "cls", "--alphas", "0.5",
+                           "--rules", "fedavg,robust", "--attacks", "none,ipm", "--label", "cand",
+                           "--stem", "het", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / "het.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["rule"], r["attack"], r["metric"], r["alpha"]) for r in rows] == [
+        ("fedavg", "none", "accuracy", "0.5"), ("fedavg", "ipm", "accuracy", "0.5"),
+        ("cand", "none", "accuracy", "0.5"), ("cand", "ipm", "accuracy", "0.5")]
+    for r in rows:
+        assert 0.0 <= float(r["worst"]) <= float(r["score"]) <= 1.0 and r["status"] == "completed", r
+    table = (tmp_path / "het.md").read_text()
+    assert "**cls, Dirichlet alpha=0.5**" in table and "`cand` vs clean FedAvg" in table and "Worst cell: cls" in table
+
+
+def test_a_segmentation_only_alpha_is_refused_for_classification():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tasks", "cls", "--alphas", "own"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "give cls numeric Dirichlet alphas" in proc.stderr
 
 
 def test_cells_use_f_of_20_percent_and_bulyan_gets_its_hospitals():

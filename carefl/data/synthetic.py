@@ -33,6 +33,15 @@ pooled data, or federated, learns all three. (``polarity=-1`` is kept as a profi
 experiments with a different sequence at one site.)
 Measured numbers are in ``benchmarks/synthetic_sites.py``.
 
+Heterogeneity (``data.site_mix_alpha``): by default hospital i images all its patients on its
+own scanner (profile i), the most heterogeneous consortium. To dial heterogeneity, set
+``data.site_mix_alpha``: each hospital then draws its scanner mix ``pi ~ Dirichlet(alpha * 1_K)``
+over the first K = ``data.site_mix_sites`` profiles and renders ``Multinomial(n, pi)`` of its
+images with each -- the segmentation analogue of the Dirichlet label skew of
+``carefl.data.partition`` (a mask has no single class to split): ``alpha = 100`` makes every
+hospital the same even mix of K scanners (nearly i.i.d.), ``alpha = 0.1`` gives each hospital
+mostly one (random) scanner. The hospital's own size scale still sets how many images it has.
+
 The images themselves are drawn from ``(seed, index, split)``: same config -> bitwise identical
 tensors. Generation is vectorised over images (seg2d, all three default sites: ~0.2 s; seg3d ~1.5 s) and
 cached in-process, because Flower re-creates the ClientApp every round in the same process.
@@ -200,26 +209,47 @@ def _render(
 
 @functools.lru_cache(maxsize=256)
 def _generate(
-    index: int, seed: int, kind: str, spatial_dims: int, side: int, n_train: int, n_test: int
+    index: int, seed: int, kind: str, spatial_dims: int, side: int, n_train: int, n_test: int,
+    mix_alpha: float | None, mix_sites: int,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """Cached (train, test) tensors of one hospital; see :func:`_render` for shapes."""
-    site = site_profile(index)
+    """Cached (train, test) tensors of one hospital; see :func:`_render` for shapes.
+
+    ``mix_alpha`` None: every image is rendered with the hospital's own profile. Otherwise the
+    hospital draws scanner shares ``pi ~ Dirichlet(mix_alpha * 1_K)`` over the profiles of
+    sites ``0..mix_sites-1`` (K = ``mix_sites``) and each split's images are split among them
+    by ``Multinomial(n, pi)`` (train and test with the same ``pi``).
+    """
     train_seed, test_seed = (
         int(s) for s in np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint64)
     )
-    n_site = max(1, round(n_train * site.size_scale))
+    n_site = max(1, round(n_train * site_profile(index).size_scale))
     classification = kind == "classification"
-    return (
-        _render(site, n_site, spatial_dims, side, classification, train_seed),
-        _render(site, n_test, spatial_dims, side, classification, test_seed),
-    )
+    if mix_alpha is None:
+        site = site_profile(index)
+        return (
+            _render(site, n_site, spatial_dims, side, classification, train_seed),
+            _render(site, n_test, spatial_dims, side, classification, test_seed),
+        )
+    rng = np.random.default_rng([seed, index, 0x313C])
+    shares = rng.dirichlet(np.full(mix_sites, float(mix_alpha)))
+
+    def mixed(n: int, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = rng.multinomial(n, shares)
+        parts = [
+            _render(site_profile(k), int(c), spatial_dims, side, classification, split_seed + k)
+            for k, c in enumerate(counts) if c
+        ]
+        return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+    return mixed(n_site, train_seed % 2**62), mixed(n_test, test_seed % 2**62)
 
 
 def load_synthetic(data: dict, task: dict, seed: int, index: int) -> tuple[TensorDataset, TensorDataset]:
     """(train, test) datasets of the synthetic hospital at ``index``.
 
     Args:
-        data: ``cfg.data`` (image_size, image_size_3d, n_train, n_test).
+        data: ``cfg.data`` (image_size, image_size_3d, n_train, n_test; optional
+            site_mix_alpha, site_mix_sites: scanner mixing, see "Heterogeneity" above).
         task: ``cfg.task`` (kind, spatial_dims, in_channels, num_classes).
         seed: ``cfg.seed``.
         index: the hospital's position in ``federation.hospitals``.
@@ -242,7 +272,9 @@ def load_synthetic(data: dict, task: dict, seed: int, index: int) -> tuple[Tenso
     for key in (side_key, "n_train", "n_test"):
         if int(data[key]) < (8 if key == side_key else 1):
             raise ConfigError(f"data.{key}={data[key]} is too small; use at least {8 if key == side_key else 1}")
+    alpha = data.get("site_mix_alpha")
     train, test = _generate(
-        index, int(seed), kind, dims, int(data[side_key]), int(data["n_train"]), int(data["n_test"])
+        index, int(seed), kind, dims, int(data[side_key]), int(data["n_train"]), int(data["n_test"]),
+        None if alpha is None else float(alpha), int(data.get("site_mix_sites", 10)),
     )
     return TensorDataset(*train), TensorDataset(*test)

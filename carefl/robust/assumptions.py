@@ -37,10 +37,10 @@ def _check_pre(pre: list, f: int, n: int) -> int:
         name = spec["name"]
         if name == "clip":
             _positive(params.get("tau"), f"{key}.tau", allow_none=True)
-        elif name == "nnm" and not 2 * f < n:
+        elif name in ("nnm", "arc") and not 2 * f < n:
             raise ConfigError(
-                f"{key} (nnm) needs strategy.f < n/2 but f={f} with n={n} rows; "
-                f"lower strategy.f to {(n - 1) // 2} or remove nnm"
+                f"{key} ({name}) needs strategy.f < n/2 but f={f} with n={n} rows; "
+                f"lower strategy.f to {(n - 1) // 2} or remove {name}"
             )
         elif name == "bucketing":
             s = params.get("s", 2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from carefl.robust.bucketing import Bucketing
 from carefl.robust.bulyan import Bulyan
 from carefl.robust.centered_clip import CenteredClipping
-from carefl.robust.clipping import NormClip
+from carefl.robust.clipping import AdaptiveRobustClip, NormClip
 from carefl.robust.geomed import GeometricMedian
 from carefl.robust.krum import Krum, MultiKrum
 from carefl.robust.mean import WeightedMean
@@ -24,4 +24,4 @@ RULES: dict[str, type] = {
     "centered_clip": CenteredClipping,
 }
 
-PRE: dict[str, type] = {"clip": NormClip, "nnm": NearestNeighbourMixing, "bucketing": Bucketing}
+PRE: dict[str, type] = {"clip": NormClip, "arc": AdaptiveRobustClip, "nnm": NearestNeighbourMixing, "bucketing": Bucketing}
