@@ -81,6 +81,10 @@ TASKS = {
     "seg": ("dice", 10, 2, ["task=seg2d", "data=synthetic"]),
     "cls": ("accuracy", 10, 3, ["task=cls2d", "task.num_classes=10", "model=classifier", "data=medmnist"]),
 }
+#: a reference, not a rule: FedAvg over the hospitals that are honest in the attacked cells only
+#: (the data partition is the same; the last f hospitals just never join). The best any rule can
+#: do once the attackers' data is lost; run for attack=none only.
+ORACLE = "fedavg_honest"
 OWN = "own"  # seg: every hospital on its own scanner (no Dirichlet mix)
 COLUMNS = ("task", "alpha", "seed", "rule", "attack", "hospitals", "f", "metric", "score", "worst",
            "rounds", "status", "seconds")
@@ -95,9 +99,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--alphas", default=OWN,
                    help="comma-separated heterogeneity levels: Dirichlet alphas, or 'own' (seg only)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
-    p.add_argument("--rules", help="comma-separated strategy names (default: all 9)")
+    p.add_argument("--rules", help=f"comma-separated strategy names, and/or {ORACLE} (default: all 9 rules)")
     p.add_argument("--attacks", help="comma-separated attack names (default: all 7)")
-    p.add_argument("--label", default=None, help="the name the 'robust' rule's cells get (a candidate's name)")
+    p.add_argument("--label", default=None,
+                   help="the name the cells of the rules other than fedavg get (a candidate pipeline's name)")
     p.add_argument("--hospitals", type=int, default=10, help="hospitals n (f = round(0.2 n) are Byzantine)")
     p.add_argument("--rounds", type=int, default=None, help="rounds (default: 10 for both tasks)")
     p.add_argument("--local-epochs", type=int, default=None, help="local epochs (default: seg 2, cls 3)")
@@ -190,18 +195,22 @@ def data_overrides(task: str, alpha: str, seed: int, n: int, args: argparse.Name
 
 
 def cell_overrides(args: argparse.Namespace, rule: str, attack: str, task: str = "seg") -> tuple[list[str], int, int]:
-    """Hydra overrides of one cell (all but the data), its hospital count n and Byzantine count f."""
+    """Hydra overrides of one cell (all but the data), its hospital count n (the data is split
+    among n hospitals) and Byzantine count f. The ``ORACLE`` row keeps n's data split but only
+    the first n - f hospitals join."""
     n = args.hospitals
     f = byzantine_count(n)
     if rule in MIN_HOSPITALS:
         n = max(n, MIN_HOSPITALS[rule](f))
     _, rounds, epochs, task_overrides = TASKS[task]
+    joining = hospital_names(n)[: n - f] if rule == ORACLE else hospital_names(n)
     overrides = [
-        *task_overrides, f"strategy={rule}", f"attack={attack}", f"federation.hospitals=[{','.join(hospital_names(n))}]",
+        *task_overrides, f"strategy={'fedavg' if rule == ORACLE else rule}", f"attack={attack}",
+        f"federation.hospitals=[{','.join(joining)}]",
         f"federation.rounds={args.rounds or rounds}", f"federation.local_epochs={args.local_epochs or epochs}",
         "federation.baselines=false", f"privacy={args.privacy}",
     ]
-    if rule != "fedavg":  # the plain mean tolerates no Byzantine hospital: its f stays 0
+    if rule not in ("fedavg", ORACLE):  # the plain mean tolerates no Byzantine hospital: its f stays 0
         overrides.append(f"strategy.f={f}")
     if attack != "none":  # the last f hospitals, whatever n this row needs
         overrides.append(f"attack.byzantine=[{','.join(str(i) for i in range(n - f, n))}]")
@@ -231,12 +240,15 @@ def run_matrix(args: argparse.Namespace) -> list[dict]:
               for s in args.seeds.split(",")]
     n0 = args.hospitals
     honest = hospital_names(n0)[: n0 - byzantine_count(n0)]  # honest in every cell
-    rows, total = [], len(groups) * len(rules) * len(attacks)
+    per_group = sum(int("none" in attacks) if r == ORACLE else len(attacks) for r in rules)
+    rows, total = [], len(groups) * per_group
     with tempfile.TemporaryDirectory(prefix="carefl-matrix-") as tmp:
         for task, alpha, seed in groups:
             metric = TASKS[task][0]
             for rule in rules:
                 for attack in attacks:
+                    if rule == ORACLE and attack != "none":
+                        continue
                     overrides, n, f = cell_overrides(args, rule, attack, task)
                     overrides += data_overrides(task, alpha, seed, n, args, Path(tmp))
                     cfg = compose_config([*overrides, f"seed={seed}", f"output_dir={tmp}",
@@ -246,7 +258,7 @@ def run_matrix(args: argparse.Namespace) -> list[dict]:
                     start = time.perf_counter()
                     result = run_cell(cfg, honest, metric)
                     seconds = time.perf_counter() - start
-                    label = args.label if rule == "robust" and args.label else rule
+                    label = args.label if rule not in ("fedavg", ORACLE) and args.label else rule
                     row = {"task": task, "alpha": alpha, "seed": seed, "rule": label, "attack": attack,
                            "hospitals": n, "f": len(byz), "metric": metric, **result, "seconds": seconds}
                     rows.append(row)
@@ -274,11 +286,11 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
-def gaps(rows: list[dict], rule: str = "robust") -> list[dict]:
-    """Per (task, alpha, attack): clean FedAvg minus ``rule`` (points of the metric), as the
-    difference of seed means and as the worst single seed. Empty without both rows."""
+def gaps(rows: list[dict], rule: str = "robust", reference: str = "fedavg") -> list[dict]:
+    """Per (task, alpha, attack): ``reference`` without attack minus ``rule`` (points of the
+    metric), as the mean over seeds and as the worst single seed. Empty without both rows."""
     clean = {(r["task"], r["alpha"], r["seed"]): r["score"] for r in rows
-             if r["rule"] == "fedavg" and r["attack"] == "none"}
+             if r["rule"] == reference and r["attack"] == "none"}
     by_key: dict = {}
     for r in rows:
         key = (r["task"], r["alpha"], r["seed"])
@@ -309,9 +321,10 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
                 c = cells.get((rule, a))
                 values.append("—" if c is None else f"{c['mean']:.3f}" + ("†" if c["stopped"] else ""))
             lines.append(f"| {label} | " + " | ".join(values) + " |")
-        clean = cells.get(("fedavg", "none"))
+        clean, oracle = cells.get(("fedavg", "none")), cells.get((ORACLE, "none"))
         if clean is not None:
-            lines += ["", f"Clean reference (FedAvg, no attack): {clean['mean']:.3f}."]
+            lines += ["", f"Clean reference (FedAvg, no attack): {clean['mean']:.3f}."
+                      + (f" Honest-only FedAvg: {oracle['mean']:.3f}." if oracle else "")]
         parts.append("\n".join(lines))
     notes = [f"Final global-model {'/'.join(sorted({r['metric'] for r in rows}))} (example-weighted mean over the "
              f"{n0 - byzantine_count(n0)} hospitals honest in every cell, h00..h{n0 - byzantine_count(n0) - 1:02d}); "
@@ -322,21 +335,23 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     if any(r["status"] != "completed" for r in rows):
         notes.append("† the federation stopped early (too few usable updates); the value is its last model.")
     robust = args.label or "robust"
-    gap = gaps(rows, robust)
-    if gap:
-        worst = max(gap, key=lambda g: g["mean"])
-        notes.append(f"`{robust}` vs clean FedAvg, points below (mean over seeds; worst single seed in brackets):")
-        table = ["| task | alpha | " + " | ".join(dict.fromkeys(g["attack"] for g in gap)) + " |"]
+    for reference, what in (("fedavg", "clean FedAvg (all n hospitals, no attack)"),
+                            (ORACLE, f"honest-only FedAvg ({ORACLE}: the attackers' data never joins)")):
+        gap = gaps(rows, robust, reference)
+        if not gap:
+            continue
         attacks = list(dict.fromkeys(g["attack"] for g in gap))
-        table.append("|---|---|" + "---:|" * len(attacks))
+        table = [f"`{robust}` vs {what}, points below (mean over seeds; worst single seed in brackets):", "",
+                 "| task | alpha | " + " | ".join(attacks) + " |", "|---|---|" + "---:|" * len(attacks)]
         for task, alpha in dict.fromkeys((g["task"], g["alpha"]) for g in gap):
             by = {g["attack"]: g for g in gap if (g["task"], g["alpha"]) == (task, alpha)}
             table.append(f"| {task} | {alpha} | " + " | ".join(
                 f"{by[a]['mean']:+.1f} [{by[a]['worst']:+.1f}]" if a in by else "—" for a in attacks) + " |")
+        worst = max(gap, key=lambda g: g["mean"])
+        table += ["", f"Worst cell: {worst['task']}, alpha={worst['alpha']}, {worst['attack']}: "
+                  f"{worst['mean']:.1f} points below {reference} (worst seed {worst['worst']:.1f}) -> goal "
+                  f"(<= 3 points under every attack) {'MET' if worst['mean'] <= 3 else 'NOT MET'}."]
         notes.append("\n".join(table))
-        notes.append(f"Worst cell: {worst['task']}, alpha={worst['alpha']}, {worst['attack']}: "
-                     f"{worst['mean']:.1f} points below clean FedAvg (worst seed {worst['worst']:.1f}) -> goal "
-                     f"(<= 3 points under every attack) {'MET' if worst['mean'] <= 3 else 'NOT MET'}.")
     return "\n\n".join(parts) + "\n\n" + "\n\n".join(notes) + "\n"
 
 

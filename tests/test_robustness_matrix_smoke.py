@@ -48,7 +48,7 @@ def test_tiny_matrix_writes_csv_markdown_and_heatmap(tmp_path):
 def test_tiny_classification_cells_run_on_label_skewed_digits_files(tmp_path):
     """--tasks cls: real images (scikit-learn's digits) split by Dirichlet(alpha), read from npz."""
     proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--tasks", "cls", "--alphas", "0.5",
-                           "--rules", "fedavg,robust", "--attacks", "none,ipm", "--label", "cand",
+                           "--rules", "fedavg,fedavg_honest,robust", "--attacks", "none,ipm", "--label", "cand",
                            "--stem", "het", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -56,11 +56,21 @@ def test_tiny_classification_cells_run_on_label_skewed_digits_files(tmp_path):
         rows = list(csv.DictReader(fh))
     assert [(r["rule"], r["attack"], r["metric"], r["alpha"]) for r in rows] == [
         ("fedavg", "none", "accuracy", "0.5"), ("fedavg", "ipm", "accuracy", "0.5"),
+        ("fedavg_honest", "none", "accuracy", "0.5"),  # the reference runs without attack only
         ("cand", "none", "accuracy", "0.5"), ("cand", "ipm", "accuracy", "0.5")]
     for r in rows:
         assert 0.0 <= float(r["worst"]) <= float(r["score"]) <= 1.0 and r["status"] == "completed", r
     table = (tmp_path / "het.md").read_text()
     assert "**cls, Dirichlet alpha=0.5**" in table and "`cand` vs clean FedAvg" in table and "Worst cell: cls" in table
+    assert "`cand` vs honest-only FedAvg" in table and "Honest-only FedAvg: " in table
+
+
+def test_the_honest_only_reference_keeps_the_data_split_but_drops_the_attackers():
+    rm = _module()
+    overrides, n, f = rm.cell_overrides(rm.parse_args([]), rm.ORACLE, "none", "cls")
+    cfg = compose_config(overrides)
+    assert (n, f) == (10, 2) and list(cfg.federation.hospitals) == [f"h{i:02d}" for i in range(8)]
+    assert cfg.strategy.name == "fedavg"
 
 
 def test_a_segmentation_only_alpha_is_refused_for_classification():
