@@ -49,6 +49,9 @@ def build_loss(task) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     raise ConfigError(f"task.loss={name!r} is not a {kind} loss; use task.loss={valid}")
 
 
+_ONE_CLASS_WARNED: set[int] = set()  # classes whose one-class-split warning was logged
+
+
 @torch.no_grad()
 def compute_metrics(task, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Metrics of a whole test split from stacked ``logits`` and ``labels``.
@@ -89,8 +92,10 @@ def compute_metrics(task, logits: torch.Tensor, labels: torch.Tensor) -> dict[st
     accuracy = float((scores.argmax(dim=1) == labels).double().mean())
     present = labels.unique().tolist()
     if len(present) == 1:
-        log.warning("AUC is undefined on a test split whose labels are all %d; reporting the fraction "
-                    "classified correctly (%.3f) as auc", present[0], accuracy)
+        if present[0] not in _ONE_CLASS_WARNED:  # once per class and process: not every round
+            _ONE_CLASS_WARNED.add(present[0])
+            log.warning("AUC is undefined on a test split whose labels are all %d; auc reports the fraction "
+                        "classified correctly instead (%.3f now; said once)", present[0], accuracy)
         return {"auc": accuracy, "accuracy": accuracy}
     if scores.shape[1] == 2:  # binary: AUC of the positive-class score
         auc = compute_roc_auc(scores[:, 1] - scores[:, 0], labels.double())
