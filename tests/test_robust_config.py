@@ -58,8 +58,9 @@ def test_strategy_file_builds_and_comments_every_key(path):
         (cfg({"name": "centered_clip", "tau": 0}, f=1), 5, "strategy.rule.tau=0"),
         (cfg({"name": "krum"}, f=1, pre=[{"name": "bucketing", "s": 2}]), 8, "rows after bucketing"),
         (cfg({"name": "median"}, f=2, pre=[{"name": "nnm"}]), 4, "strategy.pre[0] (nnm)"),
+        (cfg({"name": "trimmed_mean"}, f=2, pre=[{"name": "arc"}, {"name": "nnm"}]), 4, "strategy.pre[0] (arc) needs strategy.f < n/2"),
         (cfg({"name": "krumm"}), 9, "strategy.rule.name='krumm' is unknown; choose one of ['bulyan'"),
-        (cfg({"name": "median"}, pre=[{"name": "clipp"}]), 9, "strategy.pre[0].name='clipp' is unknown; choose one of ['bucketing', 'clip', 'nnm']"),
+        (cfg({"name": "median"}, pre=[{"name": "clipp"}]), 9, "strategy.pre[0].name='clipp' is unknown; choose one of ['arc', 'bucketing', 'clip', 'nnm']"),
         (cfg({"name": "median"}, server_opt={"name": "adam"}), 9, "strategy.server_opt.name='adam' is unknown; choose one of ['fedadam', 'fedavgm', 'sgd']"),
         (cfg({"name": "krum", "m": 3}), 9, "strategy.rule.m is not a setting of 'krum'"),
         (cfg({"name": "median"}, server_opt={"name": "fedavgm", "momentum": 1.5}), 9, "strategy.server_opt.momentum=1.5"),
@@ -78,6 +79,7 @@ def test_boundaries_pass():
     check_assumptions(cfg({"name": "bulyan"}, f=1), 7)
     check_assumptions(cfg({"name": "trimmed_mean", "beta": 0.2}, f=2), 10)
     check_assumptions(cfg({"name": "median"}, f=2), 5)
+    check_assumptions(cfg({"name": "trimmed_mean"}, f=2, pre=[{"name": "arc"}, {"name": "nnm"}]), 10)
 
 
 def test_aggregator_raises_instead_of_skipping_a_round():
