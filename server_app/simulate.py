@@ -10,10 +10,13 @@ instead of ``--run-config``. Each job writes its own ``<output_dir>/<run-id>/``.
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
@@ -26,18 +29,21 @@ from carefl.rounds import log, run_federation
 from server_app.app import FlowerTransport, _setup_logging
 
 
-def simulate(cfg: DictConfig, overrides: list[str] = (), cpus_per_hospital: float = 1.0) -> None:
+def simulate(cfg: DictConfig, overrides: list[str] = (), cpus_per_hospital: float = 1.0) -> str:
     """Run the federation described by ``cfg`` on Flower's simulation engine (Ray).
 
-    ``overrides``: the ones given on the command line (checked on ``resume=``)."""
+    ``overrides``: the ones given on the command line (checked on ``resume=``). Returns the
+    run's status (``completed`` | ``stopped``, from its ``metrics.json``), or ``failed`` when
+    the server ended without writing one (an error, logged)."""
     validate(cfg)
     server = ServerApp()
+    ended: dict[str, Path] = {}  # run_simulation runs the ServerApp in this process
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
         _setup_logging()
         try:
-            run_federation(FlowerTransport(grid), cfg, overrides)
+            ended["run_dir"] = run_federation(FlowerTransport(grid), cfg, overrides)
         except CareFLError as err:
             log.error("%s", err)
             raise
@@ -48,14 +54,26 @@ def simulate(cfg: DictConfig, overrides: list[str] = (), cpus_per_hospital: floa
         num_supernodes=len(cfg.federation.hospitals),
         backend_config={"client_resources": {"num_cpus": cpus_per_hospital, "num_gpus": 0.0}},
     )
+    if "run_dir" not in ended:
+        return "failed"
+    return json.loads((ended["run_dir"] / "metrics.json").read_text()).get("status", "failed")
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
+    """Exit status 0 only for a completed run: 1 when it stopped early (too few usable updates,
+    every hospital refused or failed) or the server failed, so scripts and CI see it. In a
+    sweep (``-m``) such a job is logged as an error and the sweep goes on."""
     try:
-        simulate(cfg, list(HydraConfig.get().overrides.task))
+        status = simulate(cfg, list(HydraConfig.get().overrides.task))
     except CareFLError as err:
         raise SystemExit(f"carefl-sim: {err}") from None
+    if status != "completed":
+        message = f"carefl-sim: the run ended {status}; its log above and metrics.json say why"
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # one job's end must not cut the sweep short
+            log.error("%s", message)
+        else:
+            raise SystemExit(message)
 
 
 def main() -> None:

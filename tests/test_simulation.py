@@ -31,10 +31,10 @@ def _run_dirs(out: Path) -> list[Path]:
     return sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def carefl_sim(out: Path, *overrides: str, multirun: bool = False) -> subprocess.CompletedProcess:
+def carefl_sim(out: Path, *overrides: str, multirun: bool = False, returncode: int = 0) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "carefl-sim"), *(["-m"] if multirun else []), f"output_dir={out}", *TINY, *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == returncode, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -82,7 +82,9 @@ def test_budget_cap_that_runs_out_after_two_rounds_ends_the_run_cleanly(tmp_path
         eps2, eps3 = (privacy.epsilon([(sigma, q, steps * r)], 1e-5) for r in (2, 3))
         caps[name] = (eps2 + eps3) / 2
     policies = ",".join(f"{h}:{{epsilon-cap:{c:.4f}}}" for h, c in caps.items())
-    proc = carefl_sim(tmp_path, "federation.rounds=4", f"+federation.site_policies={{{policies}}}", "federation.baselines=false")
+    proc = carefl_sim(tmp_path, "federation.rounds=4", f"+federation.site_policies={{{policies}}}", "federation.baselines=false",
+                      returncode=1)  # a stopped run is not a success for scripts and CI
+    assert "carefl-sim: the run ended stopped" in proc.stderr
     (run,) = _run_dirs(tmp_path)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "stopped" and "min_hospitals" in metrics["message"]
