@@ -4,7 +4,7 @@ Federated-learning papers simulate hospitals that see different case mixes by sp
 class across the hospitals with proportions drawn from ``Dirichlet(alpha * 1_n)`` (Hsu, Qi,
 Brown 2019; Li et al. "NIID-Bench" 2022): ``alpha -> 0`` gives each class to one hospital,
 ``alpha = 100`` is close to an i.i.d. split. CareFL uses it to measure how robust aggregation
-behaves when honest hospitals disagree (``benchmarks/robustness_matrix.py --task cls``) and
+behaves when honest hospitals disagree (``benchmarks/robustness_matrix.py --tasks cls``) and
 ships it as ``carefl-partition`` so researchers can build the same consortia from any
 MedMNIST-format ``.npz``::
 
