@@ -201,17 +201,20 @@ def flip_labels(label: Tensor, task_kind: str, num_classes: int) -> Tensor:
     """The corrupted label a label-flipping hospital trains on.
 
     Args:
-        label: segmentation mask ``float32 (1, *spatial)`` in {0, 1}, or a classification
-            label ``int64`` of any shape (``()`` per sample, ``(N,)`` per batch).
+        label: segmentation mask ``float32 (1, *spatial)`` ({0, 1}, or class indices when
+            ``num_classes >= 2``), or a classification label ``int64`` of any shape (``()`` per
+            sample, ``(N,)`` per batch).
         task_kind: ``cfg.task.kind``: ``segmentation`` | ``classification``.
         num_classes: ``cfg.task.num_classes`` (classification: >= 2).
 
     Returns:
-        segmentation: ``1 - mask`` (foreground <-> background); classification:
-        ``(c + 1) % num_classes`` (for 2 classes, the binary flip ``1 - c``).
+        binary segmentation: ``1 - mask`` (foreground <-> background); K-class segmentation and
+        classification: ``(c + 1) % K`` (for 2 classes, the binary flip ``1 - c``).
     """
-    if task_kind == "segmentation":
+    if task_kind == "segmentation" and num_classes == 1:
         return 1 - label
+    if task_kind == "segmentation":
+        return (label + 1) % num_classes
     if task_kind == "classification":
         if num_classes < 2:
             raise ConfigError(f"task.num_classes={num_classes}: label flipping needs at least 2 classes")

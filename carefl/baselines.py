@@ -9,6 +9,7 @@ target epsilon, so the comparison holds the privacy guarantee fixed.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from torch.utils.data import ConcatDataset, Dataset
@@ -16,6 +17,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from carefl.data import load_hospital
 from carefl.hospital import make_private, planned_noise_multiplier
 from carefl.models import build_model
+from carefl.site import CACHE_DIR
 from carefl.training import evaluate, make_loader, make_optimizer, train_epochs
 
 
@@ -34,18 +36,24 @@ def train_centrally(cfg, dataset: Dataset, seed: int) -> torch.nn.Module:
     return model
 
 
-def run_baselines(cfg, log: logging.Logger | None = None) -> dict:
-    """``{"local_only": {trained_at: {evaluated_at: metrics}}, "pooled": {evaluated_at: metrics}}``."""
+def run_baselines(cfg, log: logging.Logger | None = None, run_dir: Path | None = None) -> dict:
+    """``{"local_only": {trained_at: {evaluated_at: metrics}}, "pooled": {evaluated_at: metrics}}``.
+
+    ``run_dir``: real data is read through the simulated hospitals' caches
+    (``<run_dir>/hospitals/<name>/data-cache``, their default ``cache-dir``); None: in memory.
+    """
     names = list(cfg.federation.hospitals)
-    data = [load_hospital(cfg, name, i) for i, name in enumerate(names)]
+    data = [load_hospital(cfg, name, i, cache_dir=run_dir / "hospitals" / name / CACHE_DIR if run_dir else None)
+            for i, name in enumerate(names)]
     result: dict = {"local_only": {}, "pooled": {}}
     for i, (name, hospital) in enumerate(zip(names, data)):
         model = train_centrally(cfg, hospital.train, seed=int(cfg.seed) + i)
-        result["local_only"][name] = {other.name: evaluate(model, other.test, cfg.task) for other in data}
+        result["local_only"][name] = {other.name: evaluate(model, other.test, cfg.task, window=other.window)
+                                      for other in data}
         if log:
             log.info("baseline local-only %s: %s", name, _short(result["local_only"][name]))
     pooled = train_centrally(cfg, ConcatDataset([h.train for h in data]), seed=int(cfg.seed) + len(names))
-    result["pooled"] = {h.name: evaluate(pooled, h.test, cfg.task) for h in data}
+    result["pooled"] = {h.name: evaluate(pooled, h.test, cfg.task, window=h.window) for h in data}
     if log:
         log.info("baseline pooled: %s", _short(result["pooled"]))
     return result

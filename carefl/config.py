@@ -257,20 +257,15 @@ def _check_privacy(cfg: DictConfig) -> None:
 def _check_task_and_model(cfg: DictConfig) -> tuple[int, int]:
     """``task.*`` and ``model.*``; returns the input side (multiple, minimum) the net needs."""
     from carefl.models import _NETS  # the net registry: name -> task kind, builder
-    from carefl.tasks import METRICS, SEGMENTATION, build_loss
+    from carefl.tasks import KINDS, build_loss
 
     _safe_name(_get(cfg, "task.name"), "task.name", "seg2d")
-    kind = _choice(cfg, "task.kind", tuple(METRICS))
+    kind = _choice(cfg, "task.kind", KINDS)
     _integer(cfg, "task.spatial_dims", 2, 3, 2)
     _integer(cfg, "task.in_channels", 1, 64, 1)
-    if kind == SEGMENTATION:  # binary: one foreground logit map, sigmoid losses and Dice
-        classes = _get(cfg, "task.num_classes")
-        _require(
-            _is_int(classes) and classes == 1,
-            f"task.num_classes={_show(classes)}: segmentation predicts one foreground logit; set task.num_classes=1",
-        )
-    else:  # classification: one logit per class, cross-entropy, AUC
-        _integer(cfg, "task.num_classes", 2, 1000, 2)
+    # segmentation: 1 = binary (one sigmoid logit), K >= 2 = K classes with background (softmax);
+    # classification: one logit per class
+    _integer(cfg, "task.num_classes", 1 if kind == "segmentation" else 2, 1000, 3 if kind == "segmentation" else 2)
     build_loss(cfg.task)  # names task.loss when it does not fit task.kind; builds no network
 
     name = _get(cfg, "model.name")
@@ -354,7 +349,15 @@ def _check_data(cfg: DictConfig, side: tuple[int, int]) -> None:
         _number(cfg, "data.site_mix_alpha", 0, 1e6, 0.5, nullable=True)
     if "site_mix_sites" in data:
         _integer(cfg, "data.site_mix_sites", 1, 1000, 10)
-    if "spatial_size" in data:  # decathlon: every image is resized to it
+    if "preprocess" in data:  # decathlon: a preset file every hospital holds (carefl.data.presets)
+        from carefl.data.presets import load_preset
+
+        load_preset(_get(cfg, "data.preprocess"))
+    if "sw_overlap" in data:
+        _number(cfg, "data.sw_overlap", 0, 0.99, 0.25, low_open=False)
+    if "sw_batch_size" in data:
+        _integer(cfg, "data.sw_batch_size", 1, 4096, 4)
+    if "spatial_size" in data:  # decathlon: the network's input (patches / sliding windows / resize)
         sizes = _integers(cfg, "data.spatial_size", 8, 1024, "[64,64]")
         _require(
             len(sizes) == dims,

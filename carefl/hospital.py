@@ -81,7 +81,8 @@ class _FlippedLabels(Dataset):
 
 def _data(cfg, policy: SitePolicy):
     return load_hospital(cfg, policy.hospital, policy.synthetic_site if policy.synthetic_site is not None else -1,
-                         None if policy.synthetic_site is not None else policy.data_path)
+                         None if policy.synthetic_site is not None else policy.data_path, policy.cache_dir,
+                         policy.max_bad_files)
 
 
 def _training_set(request: Request, policy: SitePolicy) -> Dataset:
@@ -239,11 +240,11 @@ def evaluate_round(request: Request, policy: SitePolicy, global_state: dict[str,
     """Metrics of the global model on this hospital's held-out split (+ ``num_examples``,
     ``eval_seconds``: wall time of loading, building and evaluating)."""
     start = time.perf_counter()
-    test = _data(request.config, policy).test
+    data = _data(request.config, policy)
     model = build_model(request.config)
     model.load_state_dict(global_state)
-    metrics = evaluate(model, test, request.config.task)
-    metrics.update(num_examples=float(len(test)), eval_seconds=time.perf_counter() - start)
+    metrics = evaluate(model, data.test, request.config.task, window=data.window)
+    metrics.update(num_examples=float(len(data.test)), eval_seconds=time.perf_counter() - start)
     return HospitalReply(policy.hospital, "ok", "", None, metrics)
 
 

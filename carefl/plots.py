@@ -61,7 +61,7 @@ def plot_run(data: dict, out_dir: Path) -> list[Path]:
     """Write ``<metric>.png`` (+ baselines), ``epsilon.png``, ``train_loss.png`` and robust
     signal plots into ``out_dir``; return the files written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    metric_keys = ["dice"] if data["headline"] == "dice" else ["auc", "accuracy"]
+    metric_keys = data.get("metrics") or (["dice"] if data["headline"] == "dice" else ["auc", "accuracy"])
     jobs = [("eval", k, f"{k} per hospital (test split)", True) for k in metric_keys]
     jobs += [
         ("train", "train_loss", "local training loss", False),

@@ -2,12 +2,14 @@
 
 ``metrics.json`` layout (all numbers are plain floats)::
 
-    {"run_id", "task", "headline": "dice"|"auc", "hospitals": [...], "status", "message",
+    {"run_id", "task", "headline": "dice"|"auc", "metrics": [names, carefl.tasks.metric_names],
+     "hospitals": [...], "status", "message",
      "rounds": [{"round": r,
                  "train":  {hospital: {"status", "reason", "train_loss", "num_examples",
                                        "steps", "epsilon", "delta", ...}},
                  "robust": {hospital: {"norm", "cosine", "score", "selected", "reputation"}},
-                 "eval":   {hospital: {"dice" | "auc", "accuracy", "num_examples"}},
+                 "eval":   {hospital: {"dice" (+ "dice_c" per class) | "auc", "accuracy",
+                              "num_examples"}},
                  "aggregate": {"dice" | "auc", "accuracy", "train_loss"},
                  "timing": {"train_phase_seconds", "aggregate_seconds", "eval_phase_seconds",
                             "checkpoint_seconds", "round_seconds"}}],
@@ -25,7 +27,7 @@ import math
 from pathlib import Path
 
 from carefl.checkpoint import atomic_write_text
-from carefl.tasks import HEADLINE, METRICS
+from carefl.tasks import HEADLINE, metric_names
 
 
 def _weighted_mean(values: dict[str, dict[str, float]], key: str) -> float:
@@ -39,11 +41,12 @@ class Report:
 
     def __init__(self, run_dir: Path, cfg):
         self.run_dir = Path(run_dir)
-        self.metric_names = METRICS[cfg.task.kind]
+        self.metric_names = metric_names(cfg.task)
         self.data = {
             "run_id": self.run_dir.name,
             "task": cfg.task.name,
             "headline": HEADLINE[cfg.task.kind],
+            "metrics": list(self.metric_names),
             "hospitals": list(cfg.federation.hospitals),
             "status": "running",
             "message": "",
@@ -122,6 +125,12 @@ class Report:
             lines.append(row("pooled (centralised)", baselines["pooled"]))
         for trained_at, values in baselines.get("local_only", {}).items():
             lines.append(row(f"local-only {trained_at}", values, own=trained_at))
+        per_class = [m for m in self.metric_names if m.startswith("dice_")]
+        if per_class and final:  # K-class segmentation: each foreground class of the final model
+            lines += ["", "per-class Dice of the final federated model", "",
+                      "| class | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+            lines += [f"| {m[len('dice_'):]} | " + " | ".join(f"{final[h][m]:.3f}" if h in final else "-"
+                                                              for h in names) + " |" for m in per_class]
         return "\n".join(lines) + "\n"
 
     def finish(self, status: str, message: str = "") -> str:

@@ -12,7 +12,9 @@ task choice -- under the same names as ``conf/`` (``federation.batch_size`` stay
 ``config.seed``           int >= 0 (model init and the synthetic demo data; never DP randomness)
 ``config.task``           name, kind, spatial_dims, in_channels, num_classes, loss
 ``config.model``          name and the net's literal hyperparameters (channels, strides, ...)
-``config.data``           name and literal sizes (image_size, n_train, spatial_size, ...)
+``config.data``           name and literal sizes (image_size, n_train, spatial_size, ...);
+                          real data: the preprocessing preset's name and digest
+                          (:mod:`carefl.data.presets`), sliding-window settings
 ``config.federation``     rounds, local_epochs, batch_size, optimizer, lr, torch_threads
 ``config.privacy``        enabled, target_epsilon, noise_multiplier, max_grad_norm,
                           accountant, secure_mode, grad_sample_mode
@@ -62,7 +64,7 @@ class RequestError(CareFLError):
 @dataclass(frozen=True)
 class Field:
     """One allowed value: its type (``int``, ``float``, ``bool``, ``name``, ``ints``, ``path``,
-    ``any``), inclusive bounds for numbers (and list lengths), whether null is allowed and
+    ``hex64``, ``any``), inclusive bounds for numbers (and list lengths), whether null is allowed and
     whether it may be left out."""
 
     kind: str
@@ -92,6 +94,8 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "n_train": _opt("int", 1, 10**7), "n_test": _opt("int", 1, 10**7),
         "spatial_size": _opt("ints", 4, 4096), "test_fraction": _opt("float", 0.0, 1.0),
         "site_mix_alpha": _opt("float", 1e-6, 1e6, nullable=True), "site_mix_sites": _opt("int", 1, 1000),
+        "preprocess": _opt("name"), "preprocess_digest": _opt("hex64"), "sw_overlap": _opt("float", 0.0, 0.99),
+        "sw_batch_size": _opt("int", 1, 4096),
     },
     "federation": {
         "rounds": Field("int", 1, 10**6), "local_epochs": Field("int", 1, 10**4),
@@ -128,6 +132,8 @@ def _check(value: Any, field: Field, key: str) -> None:
         return
     if kind == "bool":
         ok = isinstance(value, bool)
+    elif kind == "hex64":
+        ok = isinstance(value, str) and HEX64.fullmatch(value) is not None
     elif kind in ("name", "path"):
         ok = isinstance(value, str) and (NAME.fullmatch(value) is not None if kind == "name" else
                                          0 < len(value) <= 4096 and "${" not in value and "\0" not in value)
@@ -186,6 +192,10 @@ def build_request(cfg, server_round: int, run_id: str, ledger_head: dict | None,
     for section, schema in CONFIG_SCHEMA.items():
         if isinstance(schema, dict):
             config[section] = {k: plain[section][k] for k in schema if k in plain[section]}
+    if "preprocess" in config["data"]:  # the digest of the preset file the server planned with
+        from carefl.data.presets import load_preset
+
+        config["data"]["preprocess_digest"] = load_preset(config["data"]["preprocess"]).digest
     request = {"round": server_round, "run_id": run_id, "ledger_head": ledger_head, "config": config}
     if simulation is not None:
         request["simulation"] = simulation

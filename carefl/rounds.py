@@ -36,7 +36,7 @@ from carefl.federation import Federation, FederationStopped
 from carefl.receipts import SigningKey, sign_head
 from carefl.replies import RawReply, RoundContext, TrainReply, check_eval_reply, check_train_reply
 from carefl.request import build_request, simulation_section
-from carefl.tasks import HEADLINE, METRICS
+from carefl.tasks import HEADLINE, metric_names
 
 log = logging.getLogger("carefl")
 TRAIN, EVALUATE = "train", "evaluate"
@@ -194,11 +194,10 @@ def _train_phase(transport: Transport, fed: Federation, request: str, nodes: lis
 
 def _eval_phase(transport: Transport, fed: Federation, request: str, names: dict[int, str], server_round: int) -> dict:
     cfg = fed.cfg
-    metric_names = METRICS[cfg.task.kind]
     evals: dict[str, dict] = {}
     for raw in transport.exchange(EVALUATE, sorted(names), request, fed.global_state, server_round,
                                   float(cfg.federation.round_timeout_s)):
-        name, result = check_eval_reply(raw, names, metric_names)
+        name, result = check_eval_reply(raw, names, metric_names(cfg.task))
         if isinstance(result, str):
             log.warning("round %d: %s", server_round, result)
         elif name not in evals:
@@ -250,7 +249,7 @@ def run_federation(transport: Transport, cfg: DictConfig, overrides: Sequence[st
 
             log.info("baselines: training local-only and pooled models on the same splits ...")
             torch.set_num_threads(int(cfg.federation.torch_threads))
-            fed.report.add_baselines(run_baselines(cfg, log))
+            fed.report.add_baselines(run_baselines(cfg, log, run_dir))
         else:
             log.info("baselines skipped: hospitals' data is not visible to the server in deployment")
     final = fed.finish(status, message)

@@ -27,6 +27,12 @@ key                    meaning (default)
 ``torch-threads``      intra-op threads of its training process (the request's
                        ``federation.torch_threads``)
 ``key-file``           its Ed25519 signing key (``<state-dir>/hospital_key.pem``)
+``cache-dir``          where its preprocessed images are kept between rounds and runs
+                       (``<state-dir>/data-cache``); it holds patient images: keep it
+                       where the data itself may live
+``max-bad-files``      datalist records that may fail to load (unreadable, mismatched
+                       geometry, bad label values) and be skipped with a warning; more
+                       make it refuse the round (0)
 ``site-policy``        a YAML file holding any of the keys above
 =====================  ======================================================================
 
@@ -54,11 +60,14 @@ from carefl.request import NAME, Request
 
 #: keys Flower's simulation engine sets itself
 SIMULATION_KEYS = ("partition-id", "num-partitions")
-DEFAULTS = {"require-dp": True, "max-local-epochs": 10, "max-batch-size": 1024, "max-rounds": 1000}
+DEFAULTS = {"require-dp": True, "max-local-epochs": 10, "max-batch-size": 1024, "max-rounds": 1000, "max-bad-files": 0}
+#: the default cache-dir under the state dir
+CACHE_DIR = "data-cache"
 #: node-config keys a SuperNode may set
 NODE_KEYS = (
     "hospital", "data-path", "state-dir", "require-dp", "epsilon-cap", "delta", "max-local-epochs",
-    "max-batch-size", "max-rounds", "allowed-models", "allowed-tasks", "torch-threads", "key-file", "site-policy",
+    "max-batch-size", "max-rounds", "allowed-models", "allowed-tasks", "torch-threads", "key-file", "cache-dir",
+    "max-bad-files", "site-policy",
 )
 #: what a real SuperNode must set itself (no default, never from the server)
 REQUIRED = ("hospital", "data-path", "state-dir", "epsilon-cap", "delta")
@@ -91,6 +100,8 @@ class SitePolicy:
     allowed_tasks: tuple[str, ...] | None
     torch_threads: int | None
     key_file: Path
+    cache_dir: Path
+    max_bad_files: int
 
 
 def _policy_file(path: str) -> dict[str, Any]:
@@ -216,17 +227,22 @@ def read_policy(node_config: Mapping[str, Any], request: Request) -> SitePolicy:
     bad = [k for k, v in limits.items() if v < 1]
     if bad:
         raise ConfigError(f"{bad[0]}={limits[bad[0]]} in {values[bad[0]][1]} must be >= 1")
+    max_bad = _number(values, "max-bad-files", integer=True)
+    if max_bad < 0:
+        raise ConfigError(f"max-bad-files={max_bad} in {values['max-bad-files'][1]} must be >= 0")
     threads = _number(values, "torch-threads", integer=True) if "torch-threads" in values else None
     if threads is not None and not 1 <= threads <= 1024:
         raise ConfigError(f"torch-threads={threads} in {values['torch-threads'][1]} must be in 1..1024")
     state_dir = Path(str(values["state-dir"][0])).expanduser()
     key_file = Path(str(values["key-file"][0])).expanduser() if "key-file" in values else state_dir / KEY_FILE
+    cache_dir = Path(str(values["cache-dir"][0])).expanduser() if "cache-dir" in values else state_dir / CACHE_DIR
     return SitePolicy(
         hospital=name, simulated=simulated, index=index, state_dir=state_dir, data_path=data_path,
         synthetic_site=site, require_dp=_flag(values, "require-dp"), epsilon_cap=cap, delta=delta,
         max_local_epochs=limits["max-local-epochs"], max_batch_size=limits["max-batch-size"],
         max_rounds=limits["max-rounds"], allowed_models=_names(values, "allowed-models"),
         allowed_tasks=_names(values, "allowed-tasks"), torch_threads=threads, key_file=key_file,
+        cache_dir=cache_dir, max_bad_files=max_bad,
     )
 
 

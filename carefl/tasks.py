@@ -1,8 +1,16 @@
 """Losses and metrics per task kind, built from MONAI by name.
 
-Segmentation (binary): the model outputs one foreground logit map ``(N, 1, *spatial)``;
-the loss is MONAI ``DiceLoss``/``DiceCELoss`` on the sigmoid; the metric is mean Dice of
-the mask thresholded at 0.5 (MONAI ``DiceMetric``), averaged over images.
+Segmentation, by ``task.num_classes`` = K:
+
+- K = 1 (binary): the model outputs one foreground logit map ``(N, 1, *spatial)``; labels are
+  float ``(N, 1, *spatial)`` in {0, 1}; the loss is MONAI ``DiceLoss``/``DiceCELoss`` on the
+  sigmoid; the metric ``dice`` is the Dice of the mask thresholded at 0.5 (MONAI ``DiceMetric``),
+  averaged over images.
+- K >= 2 (multi-class, background is class 0): logits ``(N, K, *spatial)``; labels hold the
+  class index, ``(N, 1, *spatial)`` with values in {0..K-1}; the loss is
+  ``DiceLoss``/``DiceCELoss(to_onehot_y=True, softmax=True)``; the prediction is the argmax.
+  Metrics: ``dice_c`` = Dice of foreground class c (1..K-1) averaged over images, and ``dice``
+  = their mean (mean foreground Dice; background is left out, as in the Decathlon and BraTS).
 
 Classification: the model outputs logits ``(N, K)``; the loss is cross-entropy; the metrics
 are accuracy and ROC AUC (MONAI ``compute_roc_auc``), defined on every non-empty split -- see
@@ -25,8 +33,19 @@ log = logging.getLogger("carefl.tasks")
 SEGMENTATION = "segmentation"
 CLASSIFICATION = "classification"
 
-#: metric names a task reports (``metrics.json`` uses exactly these keys)
-METRICS = {SEGMENTATION: ("dice",), CLASSIFICATION: ("auc", "accuracy")}
+#: the task kinds (``task.kind``)
+KINDS = (SEGMENTATION, CLASSIFICATION)
+
+
+def metric_names(task) -> tuple[str, ...]:
+    """The metric keys a task reports (``metrics.json`` and evaluation replies use exactly these):
+    ``("dice",)`` for binary segmentation, ``("dice", "dice_1", ..., "dice_{K-1}")`` for K-class
+    segmentation, ``("auc", "accuracy")`` for classification."""
+    if task.kind == CLASSIFICATION:
+        return ("auc", "accuracy")
+    k = int(task.num_classes)
+    return ("dice",) + tuple(f"dice_{c}" for c in range(1, k)) if k >= 2 else ("dice",)
+
 
 #: the metric that summarises a run (progress lines, plots' headline, robustness table)
 HEADLINE = {SEGMENTATION: "dice", CLASSIFICATION: "auc"}
@@ -35,14 +54,15 @@ HEADLINE = {SEGMENTATION: "dice", CLASSIFICATION: "auc"}
 def build_loss(task) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Loss ``(logits, labels) -> scalar`` for ``cfg.task``.
 
-    Segmentation labels are float ``(N, 1, *spatial)`` in {0, 1}; classification labels
-    int64 ``(N,)``.
+    Segmentation labels are float ``(N, 1, *spatial)``: in {0, 1} for K = 1, class indices
+    for K >= 2 (see the module docstring); classification labels int64 ``(N,)``.
     """
     kind, name = task.kind, task.loss
-    if kind == SEGMENTATION and name == "dice":
-        return DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
-    if kind == SEGMENTATION and name == "dice_ce":
-        return DiceCELoss(sigmoid=True)
+    if kind == SEGMENTATION and name in ("dice", "dice_ce"):
+        head = {"sigmoid": True} if int(task.num_classes) == 1 else {"softmax": True, "to_onehot_y": True}
+        if name == "dice":
+            return DiceLoss(**head, smooth_nr=1e-5, smooth_dr=1e-5)
+        return DiceCELoss(**head)
     if kind == CLASSIFICATION and name == "ce":
         return torch.nn.CrossEntropyLoss()
     valid = "dice | dice_ce" if kind == SEGMENTATION else "ce"
@@ -56,8 +76,8 @@ _ONE_CLASS_WARNED: set[int] = set()  # classes whose one-class-split warning was
 def compute_metrics(task, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Metrics of a whole test split from stacked ``logits`` and ``labels``.
 
-    Segmentation: ``{"dice": mean Dice over images}`` (an image whose mask and prediction
-    are both empty counts as Dice 1).
+    Segmentation: :func:`dice_summary` of :func:`dice_per_image` (an image whose mask and
+    prediction of a class are both empty counts as Dice 1 for that class).
 
     Classification (logits ``(N, K)``, int labels ``(N,)``): ``{"auc", "accuracy"}``, both finite
     and in [0, 1] on every split with N >= 1 (an empty split raises :class:`DataError`).
@@ -80,10 +100,7 @@ def compute_metrics(task, logits: torch.Tensor, labels: torch.Tensor) -> dict[st
     logit and +-inf as the largest / lowest float32, before the softmax.
     """
     if task.kind == SEGMENTATION:
-        pred = (torch.sigmoid(logits) > 0.5).float()
-        metric = DiceMetric(include_background=True, reduction="mean", ignore_empty=False)
-        metric(y_pred=pred, y=labels)
-        return {"dice": float(metric.aggregate().item())}
+        return dice_summary(task, dice_per_image(task, logits, labels))
     if len(labels) == 0:
         raise DataError("the test split has no examples: nothing to evaluate; give the hospital a test split")
     big = float(torch.finfo(torch.float32).max)
@@ -103,3 +120,35 @@ def compute_metrics(task, logits: torch.Tensor, labels: torch.Tensor) -> dict[st
         log_probs = torch.log_softmax(scores, dim=1)
         auc = sum(compute_roc_auc(log_probs[:, c], (labels == c).double()) for c in present) / len(present)
     return {"auc": float(auc), "accuracy": accuracy}
+
+
+@torch.no_grad()
+def dice_per_image(task, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Dice of each image and foreground class, float64 ``(N, F)`` with F = max(1, K - 1).
+
+    Args:
+        task: ``cfg.task`` (segmentation; ``num_classes`` = K).
+        logits: ``(N, K, *spatial)`` (K = 1: one foreground logit).
+        labels: ``(N, 1, *spatial)``: {0, 1} for K = 1, class indices 0..K-1 otherwise.
+    Column c-1 is foreground class c (K = 1: the one foreground). MONAI ``DiceMetric`` with
+    ``ignore_empty=False``: a class absent from both mask and prediction scores 1.
+    """
+    if len(labels) == 0:
+        raise DataError("the test split has no images: nothing to evaluate; give the hospital a test split")
+    k = int(task.num_classes)
+    metric = DiceMetric(include_background=k == 1, reduction="none", ignore_empty=False)
+    if k == 1:
+        return metric(y_pred=(torch.sigmoid(logits) > 0.5).float(), y=labels).double()
+    pred = torch.nn.functional.one_hot(logits.argmax(dim=1), k).movedim(-1, 1).float()
+    onehot = torch.nn.functional.one_hot(labels[:, 0].long(), k).movedim(-1, 1).float()
+    return metric(y_pred=pred, y=onehot).double()
+
+
+def dice_summary(task, scores: torch.Tensor) -> dict[str, float]:
+    """``dice`` (mean over images of the mean foreground Dice) and, for K >= 2, ``dice_c`` per
+    foreground class (mean over images), from :func:`dice_per_image` rows ``(N, F)``."""
+    per_class = scores.mean(dim=0)
+    out = {"dice": float(per_class.mean())}
+    if int(task.num_classes) >= 2:
+        out.update({f"dice_{c + 1}": float(v) for c, v in enumerate(per_class)})
+    return out

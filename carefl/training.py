@@ -13,7 +13,7 @@ from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader, Dataset
 
 from carefl.errors import ConfigError
-from carefl.tasks import build_loss, compute_metrics
+from carefl.tasks import build_loss, compute_metrics, dice_per_image, dice_summary
 
 
 @dataclass
@@ -120,6 +120,24 @@ def predict(model: torch.nn.Module, dataset: Dataset, batch_size: int = 32):
     return torch.cat(logits), torch.cat(labels)
 
 
-def evaluate(model: torch.nn.Module, dataset: Dataset, task, batch_size: int = 32) -> dict[str, float]:
-    """Task metrics (``dice`` or ``auc``/``accuracy``) of ``model`` on ``dataset``."""
-    return compute_metrics(task, *predict(model, dataset, batch_size))
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: Dataset, task, batch_size: int = 32, window=None) -> dict[str, float]:
+    """Task metrics (:func:`carefl.tasks.metric_names`) of ``model`` on ``dataset``.
+
+    ``window`` (:class:`carefl.data.decathlon.SlidingWindow`, segmentation): images of any size
+    are evaluated one at a time at their own resolution with MONAI ``sliding_window_inference``
+    (windows of ``roi_size``, ``overlap``, ``sw_batch_size`` per pass; an image smaller than the
+    window is padded and the padding cropped off again), so Dice is computed on the native label.
+    """
+    if window is None:
+        return compute_metrics(task, *predict(model, dataset, batch_size))
+    from monai.inferers import sliding_window_inference
+
+    model.eval()
+    scores = []
+    for i in range(len(dataset)):
+        image, label = dataset[i]
+        logits = sliding_window_inference(image[None], window.roi_size, window.sw_batch_size, model,
+                                          overlap=window.overlap)
+        scores.append(dice_per_image(task, torch.as_tensor(logits), label[None]))
+    return dice_summary(task, torch.cat(scores))

@@ -164,6 +164,8 @@ def test_flips_labels_only_for_labelflip_attackers():
 def test_flip_labels_segmentation_inverts_mask():
     mask = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])  # (1, H, W)
     assert torch.equal(flip_labels(mask, "segmentation", 1), torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]))
+    classes = torch.tensor([[[0.0, 1.0], [2.0, 0.0]]])  # 3-class map: shifted, still valid class indices
+    assert torch.equal(flip_labels(classes, "segmentation", 3), torch.tensor([[[1.0, 2.0], [0.0, 1.0]]]))
 
 
 def test_flip_labels_classification_shifts_classes():

@@ -75,6 +75,9 @@ def _options() -> list[list[str]]:
     out = []
     for group in sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir()):
         for option in sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")):
+            if group == "preprocess":  # preset files, not a Hydra group: chosen by data.preprocess
+                out.append(["data=decathlon", f"data.preprocess={option}"])
+                continue
             overrides = [f"{group}={option}"]
             if group == "model":
                 overrides.append("task=cls2d" if option in CLS else "task=seg2d")
@@ -210,7 +213,7 @@ def test_sigma_without_target_epsilon_validates_but_one_of_them_is_needed():
         "strategy.prox_mu=-0.1", "strategy.prox_mu=nan", "strategy.prox_mu=inf", "data.n_train=0",
         "data.n_train=100001", "data.n_test=0", "data.image_size_3d=7", "data=decathlon data.test_fraction=0",
         "data=decathlon data.test_fraction=1", "seed=-1", "task.spatial_dims=4", "task.in_channels=0",
-        "task.num_classes=2", "task=cls2d model=classifier task.num_classes=1", "model.norm_groups=0",
+        "task.num_classes=0", "task=cls2d model=classifier task.num_classes=1", "model.norm_groups=0",
         "model.num_res_units=-1",
     ],
 )

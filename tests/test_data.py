@@ -187,11 +187,13 @@ def test_decathlon_nifti_2d_without_test_list_splits_off_test_fraction(tmp_path)
     datalist = write_datalist(tmp_path, seg_pairs(tmp_path, 4, (20, 24)))
     hd = load_hospital(make_cfg(*DECATHLON_2D), "st-mary", 0, data_path=datalist)
     assert (len(hd.train), len(hd.test)) == (3, 1)  # round(0.25 * 4) = 1 test entry
-    image, label = hd.train[0]
+    image, label = hd.train[0]  # one training patch of data.spatial_size
     assert image.dtype == torch.float32 and image.shape == (1, 16, 16)
-    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
     assert label.dtype == torch.float32 and label.shape == (1, 16, 16)
-    assert set(label.unique().tolist()) == {0.0, 1.0}
+    image, label = hd.test[0]  # the whole image at native size, scaled to [0, 1] by the png2d preset
+    assert image.shape == label.shape == (1, 20, 24) and hd.window.roi_size == (16, 16)
+    assert float(image.min()) == 0.0 and float(image.max()) == 1.0
+    assert set(label.unique().tolist()) == {0.0, 1.0}  # the one foreground value 2 is binary foreground
 
 
 def test_decathlon_nifti_3d_from_the_config_map(tmp_path):
@@ -199,13 +201,13 @@ def test_decathlon_nifti_3d_from_the_config_map(tmp_path):
     cfg = make_cfg("task=seg3d", "data=decathlon", "data.spatial_size=[8,8,8]", f"+data.datalists.st-mary={datalist}")
     hd = load_hospital(cfg, "st-mary", 0)
     assert (len(hd.train), len(hd.test)) == (2, 1)
-    assert hd.train[0][0].shape == (1, 8, 8, 8) and hd.test[0][1].shape == (1, 8, 8, 8)
+    assert hd.train[0][0].shape == (1, 8, 8, 8) and hd.test[0][1].shape == (1, 12, 12, 10)
 
 
 def test_decathlon_png_segmentation_and_classification(tmp_path):
     entries = seg_pairs(tmp_path, 3, (20, 20), writer=write_png, ext=".png")
     hd = load_hospital(make_cfg(*DECATHLON_2D), "riverside", 1, data_path=write_datalist(tmp_path, entries))
-    assert hd.train[0][0].shape == (1, 16, 16) and set(hd.train[0][1].unique().tolist()) == {0.0, 1.0}
+    assert hd.train[0][0].shape == (1, 16, 16) and set(hd.test[0][1].unique().tolist()) == {0.0, 1.0}
     cls_entries = [{"image": e["image"], "label": i % 2} for i, e in enumerate(entries)]
     datalist = write_datalist(tmp_path, cls_entries, test=cls_entries[:1], name="cls.json")
     hd = load_hospital(make_cfg("task=cls2d", *DECATHLON_2D), "riverside", 1, data_path=datalist)
@@ -282,14 +284,14 @@ def test_unreadable_image_is_named(tmp_path):
     entries = seg_pairs(tmp_path, 3, (20, 20))
     (tmp_path / "img1.nii.gz").write_bytes(b"this is not a nifti file")
     datalist = write_datalist(tmp_path, entries)
-    assert_data_error(make_cfg(*DECATHLON_2D), "northfield", datalist, "img1.nii.gz", "cannot read", "datalist.json")
+    assert_data_error(make_cfg(*DECATHLON_2D), "northfield", datalist, "img1.nii.gz", "no reader could open it", "datalist.json")
 
 
 def test_image_label_shape_mismatch_is_named(tmp_path):
     entries = seg_pairs(tmp_path, 3, (20, 20))
     write_nifti(tmp_path / "lbl2.nii.gz", np.zeros((20, 18), np.float32))
     datalist = write_datalist(tmp_path, entries)
-    assert_data_error(make_cfg(*DECATHLON_2D), "northfield", datalist, "lbl2.nii.gz", "img2.nii.gz", "must match")
+    assert_data_error(make_cfg(*DECATHLON_2D), "northfield", datalist, "lbl2.nii.gz", "img2.nii.gz", "not on the grid")
 
 
 def test_empty_splits_are_named(tmp_path):

@@ -9,7 +9,7 @@ from carefl.models import build_model
 from carefl.tasks import compute_metrics
 from carefl.training import evaluate, make_loader, make_optimizer, train_epochs
 
-SEG = OmegaConf.create({"kind": "segmentation", "loss": "dice"})
+SEG = OmegaConf.create({"kind": "segmentation", "loss": "dice", "num_classes": 1})
 CLS = OmegaConf.create({"kind": "classification", "loss": "ce", "num_classes": 2})
 
 

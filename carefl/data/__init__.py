@@ -5,14 +5,18 @@
     hd = load_hospital(cfg, "st-mary", 0, "/data/x")   # deployment: the SuperNode's data-path
 
 Datasets are map-style and return ``(image, label)``: image float32 ``(C, *spatial)`` with
-spatial ``(H, W)`` or ``(D, H, W)``; segmentation label float32 ``(1, *spatial)`` in {0, 1};
-classification label int64 ``()``. Loaded data is cached in-process (Flower re-creates the
-ClientApp every round in the same worker), so treat the tensors as read-only.
+spatial ``(H, W)`` or ``(D, H, W)``; segmentation label float32 ``(1, *spatial)`` ({0, 1} for
+``task.num_classes=1``, class indices otherwise); classification label int64 ``()``. Loaded
+data is cached in-process (Flower re-creates the ClientApp every round in the same worker), and
+real data also on the hospital's disk (:mod:`carefl.data.cache`), so treat tensors as read-only.
+``HospitalData.window`` is set when test images are evaluated with sliding windows (real
+segmentation data at native resolution); otherwise the test images have the network's size.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -30,9 +34,11 @@ class HospitalData:
     name: str
     train: Dataset
     test: Dataset
+    window: Any = None  # carefl.data.decathlon.SlidingWindow | None
 
 
-def load_hospital(cfg: DictConfig | dict, hospital: str, index: int, data_path: str | None = None) -> HospitalData:
+def load_hospital(cfg: DictConfig | dict, hospital: str, index: int, data_path: str | None = None,
+                  cache_dir: Path | None = None, max_bad_files: int = 0) -> HospitalData:
     """Load ``hospital``'s (train, test) datasets as ``cfg.data`` describes.
 
     Args:
@@ -42,6 +48,9 @@ def load_hospital(cfg: DictConfig | dict, hospital: str, index: int, data_path: 
         index: its position in ``federation.hospitals`` (picks the synthetic site profile).
         data_path: the SuperNode's ``data-path`` node config; when given it replaces the path
             ``cfg.data`` names (a datalist JSON for decathlon, an .npz for medmnist).
+        cache_dir: where preprocessed real data is kept (the hospital's ``cache-dir``); None
+            keeps it in memory.
+        max_bad_files: datalist records that may fail to load and be skipped (``max-bad-files``).
 
     Raises:
         ConfigError: ``data.name`` or a task key the data source cannot serve.
@@ -58,7 +67,9 @@ def load_hospital(cfg: DictConfig | dict, hospital: str, index: int, data_path: 
     elif name == "decathlon":
         from carefl.data.decathlon import load_decathlon
 
-        train, test = load_decathlon(data, task, seed, hospital, _data_file(data, "datalists", hospital, data_path))
+        train, test, window = load_decathlon(data, task, seed, hospital, _data_file(data, "datalists", hospital, data_path),
+                                             cache_dir, max_bad_files)
+        return HospitalData(hospital, train, test, window)
     elif name == "medmnist":
         from carefl.data.medmnist import load_medmnist
 

@@ -255,7 +255,8 @@ def load_synthetic(data: dict, task: dict, seed: int, index: int) -> tuple[Tenso
         index: the hospital's position in ``federation.hospitals``.
 
     Items are ``(image float32 (1, *spatial), label)`` with label float32 (1, *spatial) in
-    {0, 1} for segmentation or int64 () in {0, 1} for classification.
+    {0, 1} for segmentation (the class index when task.num_classes=2) or int64 () in {0, 1}
+    for classification.
     """
     kind, dims = task["kind"], int(task["spatial_dims"])
     if kind not in ("segmentation", "classification"):
@@ -267,6 +268,11 @@ def load_synthetic(data: dict, task: dict, seed: int, index: int) -> tuple[Tenso
     if kind == "classification" and int(task["num_classes"]) != 2:
         raise ConfigError(
             f"task.num_classes={task['num_classes']}; synthetic classification is lesion present/absent, set it to 2"
+        )
+    if kind == "segmentation" and int(task["num_classes"]) > 2:
+        raise ConfigError(
+            f"task.num_classes={task['num_classes']}; synthetic masks have one foreground class, so use 1 (sigmoid) "
+            "or 2 (softmax); multi-class segmentation needs data=decathlon with label maps"
         )
     side_key = "image_size" if dims == 2 else "image_size_3d"
     for key in (side_key, "n_train", "n_test"):
