@@ -57,6 +57,17 @@ def test_bench_overhead_tiny_writes_split_and_ratio(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_data_tiny_reads_from_the_cache_in_later_rounds(tmp_path):
+    result = _run("bench_data.py", "--workdir", str(tmp_path / "w"), out=tmp_path / "d.json")
+    assert [r["dataset"] for r in result["results"]] == ["seg2d", "seg3d"]
+    for res in result["results"]:
+        first, (later,) = res["first"], res["later"]
+        assert first["train_records"] + first["test_records"] >= 2 and res["cache_mib"] > 0
+        assert _positive(later["epoch_s"]) and _positive(first["load_hospital_s"])
+        assert later["load_hospital_s"] < first["load_hospital_s"]  # prepared once, then looked up
+
+
+@pytest.mark.slow
 def test_bench_scaling_tiny_writes_time_and_memory(tmp_path):
     result = _run("bench_scaling.py", out=tmp_path / "s.json")
     (row,) = result["rows"]

@@ -35,6 +35,7 @@ Poisson batch never holds two patches of one record.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -46,7 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import load_decathlon_datalist
+from monai.data import get_track_meta, load_decathlon_datalist, set_track_meta
 from monai.transforms import RandCropByPosNegLabeld, Resized, SpatialPadd
 from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
@@ -195,6 +196,19 @@ def _card(item: dict) -> dict:
     return {**card, "shape": list(card["shape"]), "spacing": list(card["spacing"])}
 
 
+@contextlib.contextmanager
+def _no_meta():
+    """Per-draw transforms on plain tensors: MONAI's MetaTensor bookkeeping (affines, applied
+    operations) would cost more than the crop and augmentation themselves, and a training patch
+    needs no geometry (``monai.data.set_track_meta`` is process-wide, so it is restored)."""
+    previous = get_track_meta()
+    set_track_meta(False)
+    try:
+        yield
+    finally:
+        set_track_meta(previous)
+
+
 def _plain(x) -> torch.Tensor:
     """A contiguous float32 tensor without MONAI metadata (what the cache stores and batches hold)."""
     return convert_to_tensor(x, dtype=torch.float32, track_meta=False).contiguous()
@@ -212,7 +226,8 @@ class Records(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         item = self.cache[i]
         if self.augment is not None:
-            item = self.augment(item)
+            with _no_meta():
+                item = self.augment(item)
         if "class" in item:
             return _plain(item["image"]), torch.tensor(item["class"], dtype=torch.int64)
         return _plain(item["image"]), _plain(item["label"])
@@ -222,18 +237,21 @@ class Patches(Dataset):
     """One random patch of ``spatial_size`` per record and draw (see "DP with patches" above)."""
 
     def __init__(self, cache: DiskCache, spatial_size: tuple[int, ...], crop: RandCropByPosNegLabeld, augment):
-        self.cache, self.crop, self.augment = cache, crop, augment
+        self.cache, self.crop, self.augment, self.spatial_size = cache, crop, augment, spatial_size
         self.pad = SpatialPadd(["image", "label"], spatial_size)
 
     def __len__(self) -> int:
         return len(self.cache)  # records, not patches: the accountant's N
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        item = self.pad(self.cache[i])
-        with warnings.catch_warnings():  # a record without foreground gets a background patch; say nothing
+        item = self.cache[i]
+        with _no_meta(), warnings.catch_warnings():
+            # a record without foreground gets a background patch; nothing to say about it
             warnings.filterwarnings("ignore", message=".*unable to generate class balanced samples.*")
+            if any(s < p for s, p in zip(item["image"].shape[1:], self.spatial_size)):
+                item = self.pad(item)
             (patch,) = self.crop(item)  # num_samples=1: exactly one
-        patch = self.augment(patch)
+            patch = self.augment(patch)
         return _plain(patch["image"]), _plain(patch["label"])
 
 
