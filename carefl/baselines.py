@@ -2,8 +2,9 @@
 
 Simulation only (the server needs every hospital's data). Each baseline gets the same
 training budget as one hospital in the federation (``rounds * local_epochs`` epochs over its
-training data) and the same privacy recipe: under DP its noise is calibrated to the same
-target epsilon, so the comparison holds the privacy guarantee fixed.
+training data, plus ``personalization.epochs`` when hospitals fine-tune a personal model) and
+the same privacy recipe: under DP its noise is calibrated to the same target epsilon, so the
+comparison holds the privacy guarantee fixed.
 """
 
 from __future__ import annotations
@@ -15,16 +16,17 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from carefl.data import load_hospital
-from carefl.hospital import make_private, planned_noise_multiplier
+from carefl.hospital import make_private, personal_epochs, planned_noise_multiplier
 from carefl.models import build_model
 from carefl.site import CACHE_DIR
 from carefl.training import evaluate, make_loader, make_optimizer, train_epochs
 
 
 def train_centrally(cfg, dataset: Dataset, seed: int) -> torch.nn.Module:
-    """Train a fresh model on ``dataset`` for ``rounds * local_epochs`` epochs (DP if enabled)."""
+    """Train a fresh model on ``dataset`` for as many epochs as a hospital of the federation
+    trains (``rounds * local_epochs`` + personal epochs; DP if enabled)."""
     fed = cfg.federation
-    epochs = fed.rounds * fed.local_epochs
+    epochs = fed.rounds * fed.local_epochs + personal_epochs(cfg)
     model = build_model(cfg)
     optimizer = make_optimizer(model, fed.optimizer, fed.lr)
     loader = make_loader(dataset, fed.batch_size, seed)

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from carefl import attacks, budget, privacy
-from carefl.checkpoint import atomic_write_text
+from carefl.checkpoint import atomic_save, atomic_write_text
 from carefl.data import load_hospital
 from carefl.errors import CareFLError, ConfigError
 from carefl.ledger import hash_state_dict
@@ -39,6 +39,7 @@ from carefl.models import build_model, plain_state_dict
 from carefl.receipts import LOG_FILE, ReceiptLog, SigningKey, history_hash, make_receipt
 from carefl.request import Request, parse_request
 from carefl.site import SitePolicy, admit, read_policy
+from carefl.tasks import trivial_metrics
 from carefl.training import evaluate, make_loader, make_optimizer, train_epochs
 
 log = logging.getLogger("carefl.hospital")
@@ -199,51 +200,141 @@ def _train_locked(request: Request, policy: SitePolicy, global_state, key: Signi
     None without DP)."""
     cfg, fed = request.config, request.config.federation
     train_set = _training_set(request, policy)
-    n = len(train_set)
     model = build_model(cfg)
     model.load_state_dict(global_state)
+    seed = cfg.seed * 100_003 + request.round * 101 + policy.index
+    # the personal fine-tuning still to come is kept in reserve by this round's cap check
+    reserve = personal_epochs(cfg) if not _personal_path(policy, request).exists() else 0
+    trained, metrics, history = _local_training(cfg, policy, key, receipts, model, train_set, fed.local_epochs, seed,
+                                                reserve)
+    if trained is None:
+        return HospitalReply(policy.hospital, "refused", metrics.pop("reason"), None, metrics), history
+    return HospitalReply(policy.hospital, "ok", "", plain_state_dict(trained), metrics), history
+
+
+def personal_epochs(cfg) -> int:
+    """Epochs of personal fine-tuning a run plans after its last round (0 without it)."""
+    personal = cfg.get("personalization")
+    return int(personal.epochs) if personal is not None and personal.name == "finetune" else 0
+
+
+def _local_training(cfg, policy: SitePolicy, key: SigningKey, receipts: ReceiptLog, model, train_set: Dataset,
+                    epochs: int, seed: int, reserve_epochs: int = 0):
+    """Train ``model`` on ``train_set`` for ``epochs`` (DP-SGD unless the request disables it and
+    the policy allows that); the one local-training path of federated rounds and personal
+    fine-tuning, so both are accounted alike.
+
+    Under DP: sigma is the plan's (:func:`planned_noise_multiplier` over all rounds' local epochs
+    plus the personal epochs); the cap check projects this call's steps plus
+    ``reserve_epochs`` more (personal fine-tuning still to come); the spend is written ahead of
+    training and committed after it. Returns ``(trained model or None if the budget refuses,
+    metrics, history or None without DP)``; a refusal's metrics hold ``reason``.
+    """
+    fed = cfg.federation
+    n = len(train_set)
     optimizer = make_optimizer(model, fed.optimizer, fed.lr)
     metrics: dict[str, float] = {"num_examples": float(n)}
     if not cfg.privacy.enabled:  # admitted only when the policy says require-dp=false
-        loader = make_loader(train_set, fed.batch_size, seed=cfg.seed * 100_003 + request.round * 101 + policy.index)
-        result = train_epochs(model, optimizer, loader, cfg.task, fed.local_epochs, cfg.strategy.prox_mu)
+        result = train_epochs(model, optimizer, make_loader(train_set, fed.batch_size, seed=seed), cfg.task, epochs,
+                              cfg.strategy.prox_mu)
         metrics.update(train_loss=result.loss, steps=float(result.steps))
-        return HospitalReply(policy.hospital, "ok", "", plain_state_dict(model), metrics), None
+        return model, metrics, None
     if not policy.delta < 1.0 / n:
         raise ConfigError(f"delta={policy.delta:g} of hospital {policy.hospital} is not below 1/N = 1/{n} for its "
                           f"{n} training records; set a smaller delta in its site policy (e.g. {0.1 / n:.1e})")
     sample_rate = privacy.sample_rate(n, fed.batch_size)
-    steps = local_steps(n, fed.batch_size, fed.local_epochs)
-    sigma = planned_noise_multiplier(cfg, n, policy.delta, fed.rounds * fed.local_epochs, policy.state_dir)
+    steps = local_steps(n, fed.batch_size, epochs)
+    reserve = local_steps(n, fed.batch_size, reserve_epochs) if reserve_epochs else 0
+    sigma = planned_noise_multiplier(cfg, n, policy.delta, fed.rounds * fed.local_epochs + personal_epochs(cfg),
+                                     policy.state_dir)
     history = budget.load(policy.state_dir, key, receipts)
-    ok, projected, reason = privacy.budget_check(policy.epsilon_cap, policy.delta, history, sigma, sample_rate, steps,
-                                                 cfg.privacy.accountant)
+    ok, projected, reason = privacy.budget_check(policy.epsilon_cap, policy.delta, history, sigma, sample_rate,
+                                                 steps + reserve, cfg.privacy.accountant)
     metrics.update(epsilon_cap=policy.epsilon_cap, delta=policy.delta, noise_multiplier=float(sigma))
     if not ok:
         metrics["epsilon"] = privacy.epsilon(history, policy.delta, cfg.privacy.accountant)
-        return HospitalReply(policy.hospital, "refused", f"{policy.hospital}: {reason}", None, metrics), history
+        if reserve:
+            reason += f" (keeping {reserve_epochs} personal fine-tuning epoch(s) in reserve)"
+        return None, {**metrics, "reason": f"{policy.hospital}: {reason}"}, history
     # set up first (a request it cannot serve, e.g. secure_mode, fails here and spends nothing),
-    # then write the round's spend ahead of training: from here a crash can only over-count
+    # then write the spend ahead of training: from here a crash can only over-count
     dp_model, dp_optimizer, dp_loader, engine = make_private(cfg, model, optimizer, make_loader(train_set, fed.batch_size, seed=0), sigma, history)
     budget.save(policy.state_dir, key, privacy.extended(history, sigma, sample_rate, steps), base=history)
-    result = train_epochs(dp_model, dp_optimizer, dp_loader, cfg.task, fed.local_epochs, cfg.strategy.prox_mu)
+    result = train_epochs(dp_model, dp_optimizer, dp_loader, cfg.task, epochs, cfg.strategy.prox_mu)
     history = list(engine.accountant.history)
     budget.save(policy.state_dir, key, history)
-    # the planned steps at (sigma, q) were taken: the history is the one budget_check projected,
-    # so its epsilon is known (a PRV epsilon costs ~0.4 s; benchmarks/bench_overhead.py)
-    spent = projected if result.steps == steps else privacy.epsilon(history, policy.delta, cfg.privacy.accountant)
+    # the planned steps at (sigma, q) were taken: without a reserve the history is the one
+    # budget_check projected, so its epsilon is known (a PRV epsilon costs ~0.4 s)
+    exact = result.steps == steps and not reserve
+    spent = projected if exact else privacy.epsilon(history, policy.delta, cfg.privacy.accountant)
     metrics.update(steps=float(result.steps), epsilon=spent)  # no train_loss: it is not noised
-    return HospitalReply(policy.hospital, "ok", "", plain_state_dict(dp_model), metrics), history
+    return dp_model, metrics, history
+
+
+#: where a hospital keeps its personal model of a run (under its state dir)
+PERSONAL_DIR = "personal"
+
+
+def _personal_path(policy: SitePolicy, request: Request) -> Path:
+    return policy.state_dir / PERSONAL_DIR / f"{request.run_id}.pt"
+
+
+def personalize(request: Request, policy: SitePolicy, global_state, train_set: Dataset) -> dict | None:
+    """The hospital's personal model of this run: the final global model fine-tuned on its own
+    training split for ``personalization.epochs`` (:func:`_local_training`, so DP-SGD in the
+    same accountant, under the same lock and cap, with a receipt in its own log).
+
+    Kept in ``<state-dir>/personal/<run-id>.pt`` and never sent; a second evaluation of the
+    final round (a resumed run) reuses it instead of spending again. Returns its state dict,
+    or None when the budget cannot pay for it (logged; the global model is then the one to use).
+    """
+    path = _personal_path(policy, request)
+    with budget.locked(policy.state_dir):
+        if path.exists():
+            return torch.load(path, weights_only=True)
+        key = SigningKey.load_or_create(policy.key_file)
+        receipts = ReceiptLog(policy.state_dir / LOG_FILE)
+        cfg = request.config
+        model = build_model(cfg)
+        model.load_state_dict(global_state)
+        seed = cfg.seed * 100_003 + (cfg.federation.rounds + 1) * 101 + policy.index
+        trained, metrics, history = _local_training(cfg, policy, key, receipts, model, train_set,
+                                                    personal_epochs(cfg), seed)
+        state = plain_state_dict(trained) if trained is not None else None
+        receipt = make_receipt(
+            key, run_id=request.run_id, round=request.round, hospital=policy.hospital,
+            model_received=hash_state_dict(global_state), update_hash=hash_state_dict(state) if state else None,
+            num_examples=len(train_set), epsilon=metrics.get("epsilon"),
+            history_hash=history_hash(history) if history is not None else None, ledger_head=request.ledger_head,
+        )
+        receipts.append(receipt)  # its own log: the budget on disk must match its last receipt
+        if state is None:
+            log.warning("hospital %s: no personal fine-tuning: %s", policy.hospital, metrics["reason"])
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save(state, path)
+        return state
 
 
 def evaluate_round(request: Request, policy: SitePolicy, global_state: dict[str, torch.Tensor]) -> HospitalReply:
-    """Metrics of the global model on this hospital's held-out split (+ ``num_examples``,
-    ``eval_seconds``: wall time of loading, building and evaluating)."""
+    """Metrics of the global model on this hospital's held-out split, with ``trivial_<m>``: the
+    same metric of a rule that needs no model (:func:`carefl.tasks.trivial_metrics`), so the
+    server can say when a model is no better than it. After the last round of a run with
+    ``personalization=finetune``: also ``personal_<m>`` of its personal model
+    (:func:`personalize`; the model itself stays here). Plus ``num_examples`` and
+    ``eval_seconds`` (wall time of loading, building, fine-tuning and evaluating)."""
     start = time.perf_counter()
-    data = _data(request.config, policy)
-    model = build_model(request.config)
+    cfg = request.config
+    data = _data(cfg, policy)
+    model = build_model(cfg)
     model.load_state_dict(global_state)
-    metrics = evaluate(model, data.test, request.config.task, window=data.window)
+    metrics = evaluate(model, data.test, cfg.task, window=data.window)
+    metrics.update({f"trivial_{k}": v for k, v in trivial_metrics(cfg.task, data.test).items()})
+    if personal_epochs(cfg) and request.round == cfg.federation.rounds:
+        personal = personalize(request, policy, global_state, _training_set(request, policy))
+        if personal is not None:
+            model.load_state_dict(personal)
+            metrics.update({f"personal_{k}": v for k, v in evaluate(model, data.test, cfg.task, window=data.window).items()})
     metrics.update(num_examples=float(len(data.test)), eval_seconds=time.perf_counter() - start)
     return HospitalReply(policy.hospital, "ok", "", None, metrics)
 

@@ -75,4 +75,22 @@ def plot_run(data: dict, out_dir: Path) -> list[Path]:
         path = _per_hospital_plot(data, section, key, title, out_dir / f"{key}.png", baselines)
         if path:
             written.append(path)
+    gains = {h: e["gain"] for h, e in (data.get("sites") or {}).get("per_site", {}).items() if "gain" in e}
+    if gains:
+        written.append(_gain_plot(gains, data["headline"], out_dir / "gain_from_joining.png"))
     return written
+
+
+def _gain_plot(gains: dict[str, float], metric: str, path: Path) -> Path:
+    """Bar per hospital: deployed model minus its local-only model, on its own test split."""
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(gains) + 2), 3.5))
+    names = list(gains)
+    ax.bar(names, [gains[h] for h in names], color=["tab:green" if gains[h] >= 0 else "tab:red" for h in names])
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_ylabel(f"{metric}: deployed - local-only")
+    ax.set_title("what joining bought each hospital (own test split)")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

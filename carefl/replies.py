@@ -239,7 +239,8 @@ def check_eval_reply(raw: RawReply, names: Mapping[int, str], metric_names: tupl
 
     The hospital is the one whose authenticated training reply came from ``raw.node_id``
     this round (``names``); the reply must carry every metric of the task in [0, 1] and a
-    whole ``num_examples`` >= 1, all finite.
+    whole ``num_examples`` >= 1, all finite; it may carry ``personal_<m>`` and ``trivial_<m>``
+    for a metric m of the task, in [0, 1] too.
     """
     name = names.get(raw.node_id)
     if raw.error is not None:
@@ -250,15 +251,18 @@ def check_eval_reply(raw: RawReply, names: Mapping[int, str], metric_names: tupl
     if status.get("status") != "ok":
         return name, f"{name} did not evaluate: {str(status.get('reason'))[:300]}"
     metrics = raw.metrics if isinstance(raw.metrics, Mapping) else {}
-    allowed = {*metric_names, "num_examples", "eval_seconds", "loss"}
+    # optional: the personal model's metrics (personal_<m>) and a no-model rule's (trivial_<m>)
+    scored = {*metric_names, *(f"personal_{m}" for m in metric_names), *(f"trivial_{m}" for m in metric_names)}
+    allowed = {*scored, "num_examples", "eval_seconds", "loss"}
     for key, value in metrics.items():
         if key not in allowed or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return name, f"{name}: evaluation metric {str(key)[:40]}={value!r:.40} is unknown or not a finite number"
     missing = [m for m in (*metric_names, "num_examples") if m not in metrics]
     if missing:
         return name, f"{name}: evaluation lacks {missing}"
-    if any(not 0 <= metrics[m] <= 1 for m in metric_names):
-        return name, f"{name}: evaluation metrics {[metrics[m] for m in metric_names]} are outside [0, 1]"
+    outside = {m: metrics[m] for m in scored if m in metrics and not 0 <= metrics[m] <= 1}
+    if outside:
+        return name, f"{name}: evaluation metrics {outside} are outside [0, 1]"
     n = metrics["num_examples"]
     if n != int(n) or not 1 <= n <= MAX_EXAMPLES:
         return name, f"{name}: evaluation num_examples={n} must be a whole number >= 1"

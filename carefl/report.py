@@ -14,7 +14,8 @@
                  "timing": {"train_phase_seconds", "aggregate_seconds", "eval_phase_seconds",
                             "checkpoint_seconds", "round_seconds"}}],
      "baselines": {"local_only": {trained_at: {evaluated_at: {metric: v}}},
-                   "pooled": {evaluated_at: {metric: v}}}}
+                   "pooled": {evaluated_at: {metric: v}}},
+     "sites": see :meth:`Report.sites` (what joining bought each hospital; written at the end)}
 
 Plots (``plots/``): one PNG per metric (per hospital per round, baselines dashed), epsilon
 per hospital, and the robust signals (update norm, cosine, reputation).
@@ -100,6 +101,43 @@ class Report:
         atomic_write_text(path, json.dumps(self.data, indent=2, default=float, allow_nan=True))
         return path
 
+    def sites(self) -> dict:
+        """What joining bought each hospital, on its own test split, by the headline metric m:
+
+        ``{"per_site": {h: {"federated", "personalized" (None without it), "deployed": the
+        better of the two, "deployed_model", "trivial": a no-model rule's m (None if not
+        reported), "local_only": h's own local-only model (simulation baselines only), "gain":
+        deployed - local_only}}, "worst_site", "worst", "best", "spread": best - worst of the
+        deployed models, "no_better_than_trivial": [h whose deployed m <= trivial m]}``.
+        Computed from the final round's evaluations; empty when there are none. The better of
+        federated and personalized is picked on the same test split it is scored on, so
+        ``deployed`` and ``gain`` are optimistic by that selection (of two models).
+        """
+        key = self.data["headline"]
+        final = self.data["rounds"][-1]["eval"] if self.data["rounds"] else {}
+        local = self.data["baselines"].get("local_only", {})
+        per_site = {}
+        for h in self.data["hospitals"]:
+            if h not in final:
+                continue
+            fed, personal = final[h][key], final[h].get(f"personal_{key}")
+            deployed = max(fed, personal) if personal is not None else fed
+            entry = {"federated": fed, "personalized": personal, "deployed": deployed,
+                     "deployed_model": "personalized" if personal is not None and personal > fed else "federated",
+                     "trivial": final[h].get(f"trivial_{key}")}
+            if h in local.get(h, {}):
+                entry["local_only"] = local[h][h][key]
+                entry["gain"] = deployed - entry["local_only"]
+            per_site[h] = entry
+        if not per_site:
+            return {}
+        worst = min(per_site, key=lambda h: per_site[h]["deployed"])
+        best = max(per_site[h]["deployed"] for h in per_site)
+        return {"per_site": per_site, "worst_site": worst, "worst": per_site[worst]["deployed"], "best": best,
+                "spread": best - per_site[worst]["deployed"],
+                "no_better_than_trivial": [h for h, e in per_site.items()
+                                           if e["trivial"] is not None and e["deployed"] <= e["trivial"]]}
+
     def summary(self) -> str:
         """Markdown table: the final federated model vs pooled and local-only baselines, per
         test split, with the mean over OTHER sites for each local-only model (what federation
@@ -120,11 +158,30 @@ class Report:
         lines = [f"{key} on each hospital's test split (status: {self.data['status']})", "",
                  "| model | " + " | ".join(names) + " | mean on the other sites | federated on those sites |",
                  "|---|" + "---|" * (len(names) + 2), row("federated (final)", final)]
+        personal = {h: {key: m[f"personal_{key}"]} for h, m in final.items() if f"personal_{key}" in m}
+        if personal:
+            lines.append(row("personalized (final, own site)", personal))
         baselines = self.data["baselines"]
         if baselines.get("pooled"):
             lines.append(row("pooled (centralised)", baselines["pooled"]))
         for trained_at, values in baselines.get("local_only", {}).items():
             lines.append(row(f"local-only {trained_at}", values, own=trained_at))
+        sites = self.data.get("sites") or {}
+        if sites:
+            per_site = sites["per_site"]
+            lines += ["", f"what joining bought each hospital ({key} of its deployed model, the better of federated "
+                      "and personalized, on its own test split):", ""]
+            lines += [f"- {h}: {e['deployed']:.3f} ({e['deployed_model']})"
+                      + (f", local-only {e['local_only']:.3f}, gain {e['gain']:+.3f}" if "gain" in e else "")
+                      + (f", no-model rule {e['trivial']:.3f}" if e["trivial"] is not None else "")
+                      for h, e in per_site.items()]
+            lines.append(f"- worst site: {sites['worst_site']} {sites['worst']:.3f}; spread best - worst "
+                         f"{sites['spread']:.3f}")
+            for h in sites["no_better_than_trivial"]:
+                lines.append(f"- WARNING: {h}'s deployed model ({per_site[h]['deployed']:.3f}) is no better than a "
+                             f"rule without a model ({per_site[h]['trivial']:.3f}: "
+                             + ("every voxel foreground" if key == "dice" else "the most frequent class")
+                             + "); train longer, or check its data")
         per_class = [m for m in self.metric_names if m.startswith("dice_")]
         if per_class and final:  # K-class segmentation: each foreground class of the final model
             lines += ["", "per-class Dice of the final federated model", "",
@@ -136,6 +193,7 @@ class Report:
     def finish(self, status: str, message: str = "") -> str:
         """Save metrics.json, ``summary.md`` and the plots; return the summary table."""
         self.data["status"], self.data["message"] = status, message
+        self.data["sites"] = self.sites()
         self.save()
         summary = self.summary()
         atomic_write_text(self.run_dir / "summary.md", summary)

@@ -19,6 +19,7 @@ task choice -- under the same names as ``conf/`` (``federation.batch_size`` stay
 ``config.privacy``        enabled, target_epsilon, noise_multiplier, max_grad_norm,
                           accountant, secure_mode, grad_sample_mode
 ``config.strategy``       prox_mu
+``config.personalization`` name (none | finetune) and epochs
 ``simulation``            simulated hospitals only: see :data:`SIMULATION_SCHEMA`
 ========================  ==================================================================
 
@@ -108,6 +109,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "accountant": Field("name"), "secure_mode": Field("bool"), "grad_sample_mode": Field("name"),
     },
     "strategy": {"prox_mu": Field("float", 0.0, 1e6)},
+    "personalization": {"name": Field("name"), "epochs": Field("int", 0, 10**4)},
 }
 
 #: what only a simulated hospital accepts (the simulation's stand-in for its operator)

@@ -77,6 +77,8 @@ def _saved_config(run_dir: Path, given: str) -> DictConfig:
         missing = [k for k in _SECTIONS if k not in cfg]
         if missing:
             raise ConfigError(f"it lacks {missing}, so it is not a CareFL run's config")
+        if "personalization" not in cfg:  # a run from before personalization existed
+            cfg.personalization = {"name": "none", "epochs": 0}
         validate(cfg)
     except ConfigError as err:
         raise ConfigError(f"resume={given}: {saved}: {err}; {fix}") from None

@@ -268,6 +268,8 @@ def admit(policy: SitePolicy, request: Request) -> None:
                           "privacy.enabled=false; run with privacy=dp")
     checks = (
         (fed.local_epochs <= policy.max_local_epochs, f"federation.local_epochs={fed.local_epochs} exceeds max-local-epochs={policy.max_local_epochs}"),
+        (cfg.personalization.epochs <= policy.max_local_epochs,
+         f"personalization.epochs={cfg.personalization.epochs} exceeds max-local-epochs={policy.max_local_epochs}"),
         (fed.batch_size <= policy.max_batch_size, f"federation.batch_size={fed.batch_size} exceeds max-batch-size={policy.max_batch_size}"),
         (fed.rounds <= policy.max_rounds, f"federation.rounds={fed.rounds} exceeds max-rounds={policy.max_rounds}"),
         (policy.allowed_models is None or cfg.model.name in policy.allowed_models,

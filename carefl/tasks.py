@@ -152,3 +152,26 @@ def dice_summary(task, scores: torch.Tensor) -> dict[str, float]:
     if int(task.num_classes) >= 2:
         out.update({f"dice_{c + 1}": float(v) for c, v in enumerate(per_class)})
     return out
+
+
+@torch.no_grad()
+def trivial_metrics(task, dataset) -> dict[str, float]:
+    """The headline metric of a rule that needs no model, on ``dataset`` (``(image, label)`` items):
+
+    - segmentation: every voxel foreground (class 1 for K >= 2), i.e. "label all tissue":
+      ``{"dice": ...}`` (mean foreground Dice as :func:`dice_summary`);
+    - classification: every example the split's most frequent class: ``{"accuracy": ...}``.
+
+    A model whose metric is not above this has learnt nothing a clinician could use.
+    """
+    if task.kind == CLASSIFICATION:
+        labels = torch.stack([torch.as_tensor(dataset[i][1]) for i in range(len(dataset))]).reshape(-1)
+        return {"accuracy": float(labels.bincount().max()) / len(labels)}
+    k = int(task.num_classes)
+    scores = []
+    for i in range(len(dataset)):
+        label = torch.as_tensor(dataset[i][1])[None]
+        logits = torch.zeros((1, k, *label.shape[2:]))
+        logits[:, 0 if k == 1 else 1] = 1.0  # sigmoid(1) > 0.5; argmax = class 1
+        scores.append(dice_per_image(task, logits, label))
+    return {"dice": dice_summary(task, torch.cat(scores))["dice"]}

@@ -1,0 +1,147 @@
+"""Personal fine-tuning (personalization=finetune) and what joining bought each hospital.
+
+The maths checked here: a personal model is trained with DP-SGD in the same accountant and under
+the same cap as the federated rounds (its steps recomputed independently with Google's
+dp_accounting); it never leaves the hospital; the cap check of every training round keeps its
+epochs in reserve; the report's per-site gain, worst site and spread match a hand computation.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import dp_accounting
+import pytest
+import torch
+from dp_accounting import pld
+
+from carefl import budget, privacy
+from carefl.config import compose_config
+from carefl.hospital import EVALUATE, PERSONAL_DIR, TRAIN, handle, local_steps
+from carefl.models import build_model
+from carefl.receipts import LOG_FILE, ReceiptLog, SigningKey
+from carefl.report import Report
+from carefl.request import build_request
+
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
+warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = "cd" * 32
+N, BATCH, ROUNDS, PERSONAL = 8, 4, 3, 2
+TINY = [f"data.n_train={N}", "data.n_test=4", "data.image_size=16", f"federation.rounds={ROUNDS}",
+        f"federation.batch_size={BATCH}", "personalization=finetune", f"personalization.epochs={PERSONAL}"]
+
+
+def node(tmp_path, **extra) -> dict:
+    return {"hospital": "st-mary", "data-path": "synthetic:0", "state-dir": str(tmp_path / "state"),
+            "epsilon-cap": "8.0", "delta": "1e-5", **extra}
+
+
+def request(*overrides: str, server_round: int) -> tuple[str, dict]:
+    cfg = compose_config([*TINY, *overrides])
+    return build_request(cfg, server_round, RUN, None, None), build_model(cfg).state_dict()
+
+
+def _history(tmp_path) -> list:
+    state = tmp_path / "state"
+    return budget.load(state, SigningKey.load_or_create(state / "hospital_key.pem"), ReceiptLog(state / LOG_FILE))
+
+
+def _pld_epsilon(history, delta: float) -> float:
+    acc = pld.PLDAccountant()
+    for sigma, q, steps in history:
+        acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    return acc.get_epsilon(delta)
+
+
+def test_personal_fine_tuning_is_dp_sgd_in_the_same_budget_and_never_leaves(tmp_path):
+    for r in range(1, ROUNDS + 1):
+        text, state = request(server_round=r)
+        assert handle(TRAIN, text, state, node(tmp_path)).status == "ok"
+        if r < ROUNDS:  # only after the last round
+            assert not any(k.startswith("personal_") for k in handle(EVALUATE, text, state, node(tmp_path)).metrics)
+    trained = _history(tmp_path)
+    reply = handle(EVALUATE, text, state, node(tmp_path))
+    assert reply.status == "ok" and reply.state is None  # nothing but metrics goes back
+    assert {"dice", "personal_dice", "trivial_dice"} <= set(reply.metrics)
+    personal = torch.load(tmp_path / "state" / PERSONAL_DIR / f"{RUN}.pt", weights_only=True)
+    assert any(not torch.equal(personal[k], state[k]) for k in state if state[k].is_floating_point())
+
+    history = _history(tmp_path)
+    q, per_round = privacy.sample_rate(N, BATCH), local_steps(N, BATCH, 1)
+    sigmas = {s for s, _, _ in history}
+    assert len(sigmas) == 1 and {qq for _, qq, _ in history} == {q}
+    assert sum(n for *_, n in history) == ROUNDS * per_round + local_steps(N, BATCH, PERSONAL)
+    assert sum(n for *_, n in history) - sum(n for *_, n in trained) == local_steps(N, BATCH, PERSONAL)
+    # the plan (rounds + personal epochs) meets the target epsilon, recomputed independently
+    assert _pld_epsilon(history, 1e-5) == pytest.approx(8.0, rel=0.02)
+    # evaluating the last round again (a resumed run) reuses the personal model: no new spend
+    again = handle(EVALUATE, text, state, node(tmp_path))
+    assert again.metrics["personal_dice"] == reply.metrics["personal_dice"] and _history(tmp_path) == history
+    # the state dir still verifies (the personal spend has its receipt); the cap is spent now
+    later = handle(TRAIN, *request(server_round=1), node(tmp_path))
+    assert later.status == "refused" and "privacy budget" in later.reason, later.reason
+
+
+def test_every_training_round_keeps_the_personal_epochs_in_reserve(tmp_path):
+    sigma = ["privacy.noise_multiplier=1.0", "privacy.target_epsilon=null"]
+    q, per_round = privacy.sample_rate(N, BATCH), local_steps(N, BATCH, 1)
+    rounds_only = privacy.projected_epsilon([], 1.0, q, ROUNDS * per_round, 1e-5, "prv")
+    with_personal = privacy.projected_epsilon([], 1.0, q, ROUNDS * per_round + local_steps(N, BATCH, PERSONAL), 1e-5, "prv")
+    cap = str((rounds_only + with_personal) / 2)  # the rounds fit, rounds + personal do not
+    statuses = []
+    for r in range(1, ROUNDS + 1):
+        reply = handle(TRAIN, *request(*sigma, server_round=r), node(tmp_path, **{"epsilon-cap": cap}))
+        statuses.append(reply.status)
+    assert statuses[-1] == "refused" and "keeping 2 personal fine-tuning epoch(s) in reserve" in reply.reason
+    statuses = [handle(TRAIN, *request(*sigma, "personalization=none", server_round=r),
+                       node(tmp_path / "none", **{"epsilon-cap": cap})).status for r in range(1, ROUNDS + 1)]
+    assert statuses == ["ok"] * ROUNDS
+
+
+def test_what_joining_bought_each_site_by_hand(tmp_path):
+    cfg = compose_config(["federation.hospitals=[a,b,c]"])
+    report = Report(tmp_path, cfg)
+    report.add_evaluation(1, {
+        "a": {"dice": 0.70, "personal_dice": 0.80, "trivial_dice": 0.30, "num_examples": 4.0},
+        "b": {"dice": 0.60, "personal_dice": 0.55, "trivial_dice": 0.65, "num_examples": 4.0},
+        "c": {"dice": 0.90, "trivial_dice": 0.20, "num_examples": 4.0},
+    })
+    report.add_baselines({"local_only": {"a": {"a": {"dice": 0.75}}, "b": {"b": {"dice": 0.50}},
+                                         "c": {"c": {"dice": 0.95}}}, "pooled": {}})
+    report.finish("completed")
+    sites = json.loads((tmp_path / "metrics.json").read_text())["sites"]
+    per = sites["per_site"]
+    assert [per[h]["deployed_model"] for h in "abc"] == ["personalized", "federated", "federated"]
+    assert [round(per[h]["gain"], 6) for h in "abc"] == [0.05, 0.10, -0.05]  # 0.80-0.75, 0.60-0.50, 0.90-0.95
+    assert sites["worst_site"] == "b" and sites["worst"] == 0.60 and sites["spread"] == pytest.approx(0.30)
+    assert sites["no_better_than_trivial"] == ["b"]  # 0.60 <= 0.65
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| personalized (final, own site) | 0.800 | 0.550 | - |" in summary
+    assert "- a: 0.800 (personalized), local-only 0.750, gain +0.050" in summary
+    assert "WARNING: b's deployed model (0.600) is no better than a rule without a model (0.650" in summary
+    assert (tmp_path / "plots" / "gain_from_joining.png").is_file()
+
+
+@pytest.mark.slow
+def test_a_personalized_federation_reports_every_sites_gain(tmp_path):
+    cmd = [str(Path(sys.executable).parent / "carefl-sim"), f"output_dir={tmp_path}", "data.image_size=16",
+           "data.n_train=24", "data.n_test=6", "model.channels=[4,8,16]", "federation.batch_size=8",
+           "federation.rounds=2", "personalization=finetune"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    data = json.loads((run_dir / "metrics.json").read_text())
+    final = data["rounds"][-1]["eval"]
+    for h, entry in data["sites"]["per_site"].items():
+        deployed = max(final[h]["dice"], final[h]["personal_dice"])
+        assert entry["deployed"] == deployed
+        assert entry["gain"] == pytest.approx(deployed - data["baselines"]["local_only"][h][h]["dice"])
+        assert len(list((run_dir / "hospitals" / h / PERSONAL_DIR).glob("*.pt"))) == 1  # kept at the hospital
+    assert "what joining bought each hospital" in (run_dir / "summary.md").read_text()
