@@ -273,6 +273,10 @@ def _local_training(cfg, policy: SitePolicy, key: SigningKey, receipts: ReceiptL
 
 #: where a hospital keeps its personal model of a run (under its state dir)
 PERSONAL_DIR = "personal"
+#: the run_id of a personal fine-tuning receipt is the run's + this: the receipt belongs to the
+#: hospital's own log (its budget on disk must match its last receipt) and to no ledger entry,
+#: so carefl-verify --receipts skips it as another run's
+PERSONAL_SUFFIX = ".personal"
 
 
 def _personal_path(policy: SitePolicy, request: Request) -> Path:
@@ -301,8 +305,9 @@ def personalize(request: Request, policy: SitePolicy, global_state, train_set: D
         trained, metrics, history = _local_training(cfg, policy, key, receipts, model, train_set,
                                                     personal_epochs(cfg), seed)
         state = plain_state_dict(trained) if trained is not None else None
-        receipt = make_receipt(
-            key, run_id=request.run_id, round=request.round, hospital=policy.hospital,
+        receipt = make_receipt(  # for "<run>.personal": never mistaken for a round's receipt the
+            key, run_id=request.run_id + PERSONAL_SUFFIX, round=request.round,  # server's ledger holds
+            hospital=policy.hospital,
             model_received=hash_state_dict(global_state), update_hash=hash_state_dict(state) if state else None,
             num_examples=len(train_set), epsilon=metrics.get("epsilon"),
             history_hash=history_hash(history) if history is not None else None, ledger_head=request.ledger_head,

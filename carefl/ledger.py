@@ -362,6 +362,18 @@ def _ledger_path(run_dir: Path) -> Path:
     return path
 
 
+def run_id(run_dir: str | os.PathLike) -> str:
+    """The run's id, the hash of its ledger's entry 0 (what hospitals sign receipts for).
+
+    Raises:
+        LedgerError: no ledger, or an empty or broken chain.
+    """
+    entries, n, bad, reason = _read_chain(_ledger_path(Path(run_dir)))
+    if n == 0 or bad == 0:
+        raise LedgerError(f"{run_dir}: no intact first ledger entry ({reason or 'the ledger is empty'})")
+    return entries[0]["hash"]
+
+
 def verify_run(run_dir: str | os.PathLike) -> VerifyResult:
     """Check ``run_dir/ledger.jsonl``'s chain and that ``run_dir/model_final.pt`` (a
     ``torch.save``'d state dict) hashes to the last entry's ``model_after``.

@@ -360,7 +360,7 @@ def _federate(tmp_path: Path, hospitals: dict[str, str], *overrides: str) -> dic
     summary = (run_dir / "summary.md").read_text()
     assert "per-class Dice of the final federated model" in summary and "| 2 |" in summary
     assert (run_dir / "plots" / "dice_2.png").is_file()
-    return metrics
+    return metrics, run_dir
 
 
 @pytest.mark.slow
@@ -374,7 +374,7 @@ def test_a_2d_multiclass_federation_of_png_and_nifti_hospitals(tmp_path):
             entries.append({"image": writer(tmp_path / h / f"i{i}{ext}", np.clip(image, 0, 255)),
                             "label": writer(tmp_path / h / f"l{i}{ext}", label)})
         sites[h] = datalist(tmp_path / h, entries[:4], entries[4:])
-    metrics = _federate(tmp_path, sites, "task.num_classes=3", "data.spatial_size=[16,16]")
+    metrics, _ = _federate(tmp_path, sites, "task.num_classes=3", "data.spatial_size=[16,16]")
     final = metrics["rounds"][-1]
     assert set(final["eval"]) == set(sites)
     for h in sites:
@@ -402,10 +402,44 @@ def test_a_3d_multiclass_federation_of_nifti_and_dicom_series_hospitals(tmp_path
                                                                  tmp_path / "dicom" / f"l{i}.nii.gz")})
     sites = {"nifti-site": datalist(tmp_path / "nifti", nifti_entries[:3], nifti_entries[3:]),
              "dicom-site": datalist(tmp_path / "dicom", dicom_entries[:3], dicom_entries[3:])}
-    metrics = _federate(tmp_path, sites, "task=seg3d", "task.num_classes=3", "data.preprocess=ct",
-                        "data.spatial_size=[8,8,8]")
+    metrics, run_dir = _federate(tmp_path, sites, "task=seg3d", "task.num_classes=3", "data.preprocess=ct",
+                                 "data.spatial_size=[8,8,8]", "personalization=finetune", "personalization.epochs=1")
     for h in sites:
         assert {"dice", "dice_1", "dice_2"} <= set(metrics["rounds"][-1]["eval"][h])
+
+    # carefl-predict on new studies: masks come back on each input's own voxel grid
+    lps = np.array([[-0.9, 0, 0, 12.0], [0, -0.9, 0, -7.0], [0, 0, 2.5, 30.0], [0, 0, 0, 1]])
+    image, _ = blobs((23, 19, 9), 40)
+    new = nifti(tmp_path / "new_lps.nii.gz", image * 2 - 100, lps)
+    proc = subprocess.run([str(BIN / "carefl-predict"), str(run_dir), str(tmp_path / new),
+                           str(tmp_path / "dicom" / dicom_entries[0]["image"]), str(tmp_path / "missing.nii.gz"),
+                           "--out", str(tmp_path / "pred")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # one of three studies is missing
+    assert "[3/3] " in proc.stdout and "missing.nii.gz does not exist" in proc.stdout
+    for source, written in ((tmp_path / new, "new_lps_seg.nii.gz"), (tmp_path / "dicom" / "s0", "s0_seg.nii.gz")):
+        mask = nib.load(tmp_path / "pred" / written)
+        read = LoadImage(image_only=True)(str(source))
+        assert mask.shape == tuple(read.shape)
+        assert np.allclose(mask.affine, np.asarray(read.affine), atol=1e-4)
+        assert set(np.unique(np.asarray(mask.dataobj)).tolist()) <= {0, 1, 2}
+    # a hospital's own personal model, checked against its signed receipt
+    personal = [str(BIN / "carefl-predict"), str(run_dir), str(tmp_path / new), "--out", str(tmp_path / "pp"),
+                "--personal", str(run_dir / "hospitals" / "nifti-site")]
+    proc = subprocess.run(personal, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "personal model" in proc.stdout, proc.stdout + proc.stderr
+    assert nib.load(tmp_path / "pp" / "new_lps_seg.nii.gz").shape == (23, 19, 9)
+    (pt,) = (run_dir / "hospitals" / "nifti-site" / "personal").glob("*.pt")
+    swapped = torch.load(run_dir / "model_final.pt", weights_only=True)  # a model it never trained
+    torch.save(swapped, pt)
+    proc = subprocess.run(personal, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "does not match the hospital's signed receipt" in proc.stderr
+    # a model file that is not the ledger's is refused before anything runs
+    state = torch.load(run_dir / "model_final.pt", weights_only=True)
+    next(iter(state.values())).add_(1.0)
+    torch.save(state, run_dir / "model_final.pt")
+    proc = subprocess.run([str(BIN / "carefl-predict"), str(run_dir), str(tmp_path / new), "--out",
+                           str(tmp_path / "pred2")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "does not verify against the run's ledger" in proc.stderr
 
 
 def test_a_request_carries_the_presets_name_and_digest_never_its_transforms():

@@ -21,6 +21,7 @@ from dp_accounting import pld
 
 from carefl import budget, privacy
 from carefl.config import compose_config
+from carefl.ledger import verify_receipts
 from carefl.hospital import EVALUATE, PERSONAL_DIR, TRAIN, handle, local_steps
 from carefl.models import build_model
 from carefl.receipts import LOG_FILE, ReceiptLog, SigningKey
@@ -145,3 +146,5 @@ def test_a_personalized_federation_reports_every_sites_gain(tmp_path):
         assert entry["gain"] == pytest.approx(deployed - data["baselines"]["local_only"][h][h]["dice"])
         assert len(list((run_dir / "hospitals" / h / PERSONAL_DIR).glob("*.pt"))) == 1  # kept at the hospital
     assert "what joining bought each hospital" in (run_dir / "summary.md").read_text()
+    # the personal receipts in the hospitals' logs are not a round's: the ledger still agrees with every log
+    assert verify_receipts(run_dir, sorted(run_dir.glob("hospitals/*/receipts.jsonl"))) == []

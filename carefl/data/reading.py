@@ -124,6 +124,20 @@ def check_label_values(name: str, file: str, label: torch.Tensor, num_classes: i
     return label.float()
 
 
+def read_image(name: str, files: list[str], dims: int, in_channels: int) -> MetaTensor:
+    """One study's image, float32 ``(C, *spatial)``: ``files`` stacked as channels, checked to
+    share one voxel grid and to give ``in_channels`` channels (``name`` is used in errors)."""
+    loader = LoadImage(image_only=True, ensure_channel_first=True)
+    channels = [_read(loader, name, "image", f, dims) for f in files]
+    for f, c in zip(files[1:], channels[1:]):
+        check_same_grid(name, channels[0], files[0], c, f)
+    image = torch.cat(channels) if len(channels) > 1 else channels[0]
+    if image.shape[0] != in_channels:
+        raise DataError(f"entry {name} image {', '.join(map(os.path.basename, files))} has {image.shape[0]} "
+                        f"channel(s) but task.in_channels={in_channels}; set task.in_channels to match")
+    return image
+
+
 def read_record(record: dict, dims: int, in_channels: int, num_classes: int, segmentation: bool) -> dict:
     """``{"image", "label"}`` (segmentation) or ``{"image", "class"}`` of one datalist record.
 
@@ -136,19 +150,12 @@ def read_record(record: dict, dims: int, in_channels: int, num_classes: int, seg
             invalid label values (see the module docstring).
     """
     name, files = record["name"], record["image"]
-    loader = LoadImage(image_only=True, ensure_channel_first=True)
-    channels = [_read(loader, name, "image", f, dims) for f in files]
-    for f, c in zip(files[1:], channels[1:]):
-        check_same_grid(name, channels[0], files[0], c, f)
-    image = torch.cat(channels) if len(channels) > 1 else channels[0]
-    if image.shape[0] != in_channels:
-        raise DataError(f"entry {name} image {', '.join(map(os.path.basename, files))} has {image.shape[0]} "
-                        f"channel(s) but task.in_channels={in_channels}; set task.in_channels to match")
+    image = read_image(name, files, dims, in_channels)
     if not segmentation:
         return {"image": image, "class": int(record["label"])}
-    label = _read(loader, name, "label", record["label"], dims)
+    label = _read(LoadImage(image_only=True, ensure_channel_first=True), name, "label", record["label"], dims)
     if label.shape[0] != 1:
         raise DataError(f"entry {name} label {record['label']} has {label.shape[0]} channels; a label map has one")
-    check_same_grid(name, channels[0], files[0], label, record["label"])
+    check_same_grid(name, image, files[0], label, record["label"])
     values = check_label_values(name, record["label"], label.as_tensor(), num_classes)
     return {"image": image, "label": MetaTensor(values, meta=label.meta)}
