@@ -15,6 +15,10 @@ files joined by commas (channels). It goes through exactly the training pipeline
   affine as the input, labels 0..K-1;
 - classification: class probabilities, one CSV row per study in ``<out>/predictions.csv``.
 
+``--explain`` also writes ``<name>_explain.png`` beside them (:mod:`carefl.explain`): occlusion
+sensitivity and GradCAM of the predicted class, or the foreground probability and its
+flip test-time-augmentation variance, over the preprocessed image (3D: its middle slice).
+
 Before anything runs, the model file is checked: the run's ``model_final.pt`` against the run's
 ledger (:func:`carefl.ledger.verify_run`), a personal model against the hospital's own signed
 receipt for it (``--personal``: its state dir). A model that does not match is refused. One line
@@ -77,30 +81,45 @@ def load_verified_model(run_dir: Path, personal_state_dir: Path | None):
     return cfg, model.eval()
 
 
-@torch.no_grad()
-def predict_study(cfg, model, files: list[str], out_dir: Path, steps) -> Path | list[float]:
+def predict_study(cfg, model, files: list[str], out_dir: Path, steps, explain: bool = False) -> Path | list[float]:
     """Predict one study (``files``: its channels); returns the written mask's path
-    (segmentation) or the class probabilities (classification)."""
+    (segmentation) or the class probabilities (classification). ``explain``: also write
+    ``<name>_explain.png`` (:mod:`carefl.explain`, on the preprocessed image)."""
     from monai.data import MetaTensor
     from monai.inferers import sliding_window_inference
     from monai.transforms import Invertd, Resized, SaveImage
 
     from carefl.data.reading import read_image
 
+    from carefl.data.decathlon import SlidingWindow
+    from carefl.explain import classification_maps, save_overlay, segmentation_maps
+
     task, data = cfg.task, cfg.data
     name = os.path.basename(os.path.normpath(files[0]))
+    stem = name.split(".")[0] or "study"
     item = steps({"image": read_image(name, files, int(task.spatial_dims), int(task.in_channels))})
     image = item["image"]
     if task.kind == "classification":
-        resized = Resized(["image"], tuple(data.spatial_size))(item)["image"]
-        return torch.softmax(model(torch.as_tensor(resized)[None]), dim=1)[0].tolist()
-    logits = sliding_window_inference(torch.as_tensor(image)[None], tuple(data.spatial_size),
-                                      int(data.sw_batch_size), model, overlap=float(data.sw_overlap))[0]
+        resized = torch.as_tensor(Resized(["image"], tuple(data.spatial_size))(item)["image"])
+        with torch.no_grad():
+            probs = torch.softmax(model(resized[None]), dim=1)[0].tolist()
+        if explain:
+            target = max(range(len(probs)), key=probs.__getitem__)
+            save_overlay(resized, classification_maps(model, resized, target), out_dir / f"{stem}_explain.png",
+                         f"{name}: class {target} (p={probs[target]:.2f})")
+        return probs
+    window = SlidingWindow(tuple(data.spatial_size), float(data.sw_overlap), int(data.sw_batch_size))
+    with torch.no_grad():
+        logits = sliding_window_inference(torch.as_tensor(image)[None], window.roi_size, window.sw_batch_size,
+                                          model, overlap=window.overlap)[0]
+    if explain:
+        save_overlay(torch.as_tensor(image), segmentation_maps(model, torch.as_tensor(image), window,
+                                                               int(task.num_classes)),
+                     out_dir / f"{stem}_explain.png", f"{name}: foreground probability and flip-TTA variance")
     k = int(task.num_classes)
     mask = (torch.sigmoid(logits) > 0.5).float() if k == 1 else logits.argmax(dim=0, keepdim=True).float()
     item["pred"] = MetaTensor(mask, meta=image.meta, applied_operations=image.applied_operations)
     restored = Invertd(keys="pred", transform=steps, orig_keys="image", nearest_interp=True)(item)["pred"]
-    stem = name.split(".")[0] or "study"
     restored.meta["filename_or_obj"] = stem
     SaveImage(output_dir=str(out_dir), output_postfix="seg", output_ext=".nii.gz", separate_folder=False,
               resample=False, output_dtype="uint8", print_log=False)(restored)
@@ -112,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="the run directory (outputs/<run-id>)")
     parser.add_argument("inputs", nargs="+", help="studies: a file, a DICOM series folder, or comma-joined channels")
     parser.add_argument("--out", type=Path, required=True, help="folder for masks / predictions.csv")
+    parser.add_argument("--explain", action="store_true",
+                        help="also write <name>_explain.png: occlusion + GradCAM (classification), foreground "
+                             "probability + flip-TTA uncertainty (segmentation)")
     parser.add_argument("--personal", type=Path, default=None,
                         help="use this hospital's personal model: its state dir (personalization=finetune)")
     args = parser.parse_args(argv)
@@ -131,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, study in enumerate(args.inputs, 1):
         files, start = [f for f in study.split(",") if f], time.perf_counter()
         try:
-            result = predict_study(cfg, model, files, args.out, steps)
+            result = predict_study(cfg, model, files, args.out, steps, args.explain)
         except (DataError, RuntimeError, ValueError) as err:  # an unreadable or unprocessable study
             failed += 1
             print(f"[{i}/{len(args.inputs)}] {study}: FAILED: {str(err).strip().splitlines()[-1][:300]}")

@@ -413,7 +413,7 @@ def test_a_3d_multiclass_federation_of_nifti_and_dicom_series_hospitals(tmp_path
     new = nifti(tmp_path / "new_lps.nii.gz", image * 2 - 100, lps)
     proc = subprocess.run([str(BIN / "carefl-predict"), str(run_dir), str(tmp_path / new),
                            str(tmp_path / "dicom" / dicom_entries[0]["image"]), str(tmp_path / "missing.nii.gz"),
-                           "--out", str(tmp_path / "pred")], capture_output=True, text=True, timeout=300)
+                           "--out", str(tmp_path / "pred"), "--explain"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr  # one of three studies is missing
     assert "[3/3] " in proc.stdout and "missing.nii.gz does not exist" in proc.stdout
     for source, written in ((tmp_path / new, "new_lps_seg.nii.gz"), (tmp_path / "dicom" / "s0", "s0_seg.nii.gz")):
@@ -422,6 +422,7 @@ def test_a_3d_multiclass_federation_of_nifti_and_dicom_series_hospitals(tmp_path
         assert mask.shape == tuple(read.shape)
         assert np.allclose(mask.affine, np.asarray(read.affine), atol=1e-4)
         assert set(np.unique(np.asarray(mask.dataobj)).tolist()) <= {0, 1, 2}
+        assert (tmp_path / "pred" / written.replace("_seg.nii.gz", "_explain.png")).is_file()
     # a hospital's own personal model, checked against its signed receipt
     personal = [str(BIN / "carefl-predict"), str(run_dir), str(tmp_path / new), "--out", str(tmp_path / "pp"),
                 "--personal", str(run_dir / "hospitals" / "nifti-site")]
