@@ -403,7 +403,7 @@ def validate(cfg: DictConfig) -> None:
     side = _check_task_and_model(cfg)
     _check_data(cfg, side)
     _number(cfg, "strategy.prox_mu", 0, 1e6, 0.01, low_open=False)
-    if _choice(cfg, "personalization.name", ("none", "finetune")) == "finetune":
+    if _choice(cfg, "personalization.name", ("none", "finetune", "fedbn")) == "finetune":
         _integer(cfg, "personalization.epochs", 1, 1000, 2)
     from carefl.robust import check_assumptions  # local: robust imports torch-heavy code
 

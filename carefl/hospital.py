@@ -201,7 +201,7 @@ def _train_locked(request: Request, policy: SitePolicy, global_state, key: Signi
     cfg, fed = request.config, request.config.federation
     train_set = _training_set(request, policy)
     model = build_model(cfg)
-    model.load_state_dict(global_state)
+    model.load_state_dict(_with_local_norms(cfg, policy, request, global_state))
     seed = cfg.seed * 100_003 + request.round * 101 + policy.index
     # the personal fine-tuning still to come is kept in reserve by this round's cap check
     reserve = personal_epochs(cfg) if not _personal_path(policy, request).exists() else 0
@@ -209,7 +209,35 @@ def _train_locked(request: Request, policy: SitePolicy, global_state, key: Signi
                                                 reserve)
     if trained is None:
         return HospitalReply(policy.hospital, "refused", metrics.pop("reason"), None, metrics), history
-    return HospitalReply(policy.hospital, "ok", "", plain_state_dict(trained), metrics), history
+    state = plain_state_dict(trained)
+    if _fedbn(cfg):  # its normalisation stays here; the received global values go back in their place
+        norms = norm_keys(model)
+        path = _personal_path(policy, request).with_suffix(".norm.pt")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save({k: state[k] for k in norms}, path)
+        state.update({k: global_state[k].detach().clone() for k in norms})
+    return HospitalReply(policy.hospital, "ok", "", state, metrics), history
+
+
+def _fedbn(cfg) -> bool:
+    personal = cfg.get("personalization")
+    return personal is not None and personal.name == "fedbn"
+
+
+def norm_keys(model: torch.nn.Module) -> list[str]:
+    """State-dict keys of ``model``'s normalisation layers (GroupNorm / any ``_NormBase`` affine)."""
+    kinds = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.modules.batchnorm._NormBase)
+    return [f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, kinds)
+            for p, _ in m.named_parameters(recurse=False)]
+
+
+def _with_local_norms(cfg, policy: SitePolicy, request: Request, global_state) -> dict:
+    """``global_state`` with this hospital's own normalisation parameters over it (fedbn, once it
+    has trained in this run); otherwise ``global_state`` itself."""
+    path = _personal_path(policy, request).with_suffix(".norm.pt")
+    if not _fedbn(cfg) or not path.exists():
+        return global_state
+    return {**global_state, **torch.load(path, weights_only=True)}
 
 
 def personal_epochs(cfg) -> int:
@@ -335,6 +363,10 @@ def evaluate_round(request: Request, policy: SitePolicy, global_state: dict[str,
     model.load_state_dict(global_state)
     metrics = evaluate(model, data.test, cfg.task, window=data.window)
     metrics.update({f"trivial_{k}": v for k, v in trivial_metrics(cfg.task, data.test).items()})
+    personal_state = _with_local_norms(cfg, policy, request, global_state)
+    if personal_state is not global_state:  # fedbn: global weights + its own normalisation
+        model.load_state_dict(personal_state)
+        metrics.update({f"personal_{k}": v for k, v in evaluate(model, data.test, cfg.task, window=data.window).items()})
     if personal_epochs(cfg) and request.round == cfg.federation.rounds:
         personal = personalize(request, policy, global_state, _training_set(request, policy))
         if personal is not None:

@@ -148,3 +148,23 @@ def test_a_personalized_federation_reports_every_sites_gain(tmp_path):
     assert "what joining bought each hospital" in (run_dir / "summary.md").read_text()
     # the personal receipts in the hospitals' logs are not a round's: the ledger still agrees with every log
     assert verify_receipts(run_dir, sorted(run_dir.glob("hospitals/*/receipts.jsonl"))) == []
+
+
+def test_fedbn_keeps_each_hospitals_normalisation_at_home(tmp_path):
+    from carefl.hospital import norm_keys
+
+    text, state = request("personalization=fedbn", server_round=1)
+    reply = handle(TRAIN, text, state, node(tmp_path))
+    assert reply.status == "ok"
+    norms = norm_keys(build_model(compose_config([*TINY, "personalization=fedbn"])))
+    assert norms and all(k.endswith((".weight", ".bias")) for k in norms)
+    assert all(torch.equal(reply.state[k], state[k]) for k in norms)  # the received values go back
+    assert any(not torch.equal(reply.state[k], state[k]) for k in state if k not in norms)  # the rest trained
+    local = torch.load(tmp_path / "state" / PERSONAL_DIR / f"{RUN}.norm.pt", weights_only=True)
+    assert set(local) == set(norms) and any(not torch.equal(local[k], state[k]) for k in norms)
+    evaluation = handle(EVALUATE, text, state, node(tmp_path))
+    assert {"dice", "personal_dice"} <= set(evaluation.metrics) and evaluation.state is None
+    text2, _ = request("personalization=fedbn", server_round=2)
+    assert handle(TRAIN, text2, reply.state, node(tmp_path)).status == "ok"  # trains on from its own norms
+    again = torch.load(tmp_path / "state" / PERSONAL_DIR / f"{RUN}.norm.pt", weights_only=True)
+    assert any(not torch.equal(again[k], local[k]) for k in norms)
