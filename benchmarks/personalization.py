@@ -49,11 +49,16 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default=None, help="also write every run's sites block to this JSON file")
+    parser.add_argument("--reuse", default=None,
+                        help="a JSON written by --out: take its personalization=none runs instead of running them "
+                             "again (same seeds and overrides)")
     args, overrides = parser.parse_known_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="carefl-personal-"))
     load = os.getloadavg()
-    runs = {mode: [run(work, s, mode, overrides) for s in seeds] for mode in ("none", "finetune")}
+    reused = json.loads(Path(args.reuse).read_text())["runs"]["none"] if args.reuse else None
+    runs = {"none": reused or [run(work, s, "none", overrides) for s in seeds],
+            "finetune": [run(work, s, "finetune", overrides) for s in seeds]}
     hospitals = list(runs["none"][0]["per_site"])
 
     def mean(mode: str, h: str, key: str) -> float:
