@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from carefl import attacks, checkpoint, robust
 from carefl.errors import CareFLError, ConfigError
-from carefl.ledger import Ledger, hash_config, hash_state_dict
+from carefl.ledger import Ledger, hash_config, hash_file, hash_state_dict
 from carefl.replies import TrainReply
 from carefl.report import Report
 
@@ -194,7 +194,9 @@ class Federation:
         return the model path."""
         final = self.run_dir / "model_final.pt"
         checkpoint.atomic_save(self.global_state, final)
+        summary = self.report.finish(status, message)
+        outputs = {name: hash_file(self.run_dir / name) for name in ("metrics.json", "summary.md")}
         self.ledger.append("end", round=self.next_round - 1, config_hash=self.config_hash,
-                           model_after=self.model_hash)
-        log.info("results:\n%s", self.report.finish(status, message))
+                           model_after=self.model_hash, outputs=outputs)
+        log.info("results:\n%s", summary)
         return final

@@ -19,13 +19,17 @@ hospitals    {hospital name: :class:`HospitalRecord`}; ``{}`` when no hospital t
              accepted), ``epsilon`` (float | null, the hospital's reported DP epsilon),
              ``receipt`` (object | null, the hospital's signed receipt stored verbatim, see
              :mod:`carefl.receipts`; null when it sent no valid one)
+outputs      {file name: sha256 hex of its bytes} of the run's result files (``metrics.json``,
+             ``summary.md``), written before the ``end`` entry; null on other entries. A
+             ledger written before this field existed has no ``outputs`` key at all.
 prev_hash    str, the previous entry's ``hash``; :data:`GENESIS` (64 zeros) for entry 0
 hash         str, sha256 hex of the canonical JSON of the entry without ``hash``
 ============ ==========================================================================
 
 Every hash is a 64-character lowercase sha256 hex digest. Editing, deleting, reordering or
 inserting an entry breaks a ``hash`` or ``prev_hash``; :func:`verify_run` also checks that
-``model_final.pt`` is the model the last entry recorded. A hash chain cannot stop someone
+``model_final.pt`` is the model the last entry recorded, that ``config.yaml`` is the config whose
+hash every entry carries, and that each result file is the one ``outputs`` recorded. A hash chain cannot stop someone
 from rewriting the *whole* file consistently: keep the head hash (printed in the run's logs
 and stored in every checkpoint as ``ledger_head``) somewhere the writer does not control.
 The hospitals do: ``carefl-verify RUN_DIR --receipts LOG ...`` (:func:`verify_receipts`)
@@ -59,8 +63,10 @@ LEDGER_FILE = "ledger.jsonl"
 MODEL_FILE = "model_final.pt"
 KINDS = ("start", "round", "end")
 ENTRY_KEYS = (
-    "index", "kind", "round", "time", "config_hash", "model_before", "model_after", "hospitals", "prev_hash", "hash"
+    "index", "kind", "round", "time", "config_hash", "model_before", "model_after", "hospitals", "outputs",
+    "prev_hash", "hash",
 )
+CONFIG_FILE = "config.yaml"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -115,6 +121,15 @@ def _sha256(text: str) -> str:
 def hash_config(cfg: Mapping) -> str:
     """sha256 of the canonical JSON of the resolved config (a dict or a ``DictConfig``)."""
     return _sha256(canonical_json(cfg))
+
+
+def hash_file(path: str | os.PathLike) -> str:
+    """sha256 hex of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def hash_state_dict(state: Mapping[str, Tensor]) -> str:
@@ -180,7 +195,7 @@ def _schema_problem(entry: Any) -> str | None:
     """Why ``entry`` does not follow the schema in the module docstring, or None."""
     if not isinstance(entry, dict):
         return "not a JSON object"
-    if set(entry) != set(ENTRY_KEYS):
+    if set(entry) not in (set(ENTRY_KEYS), set(ENTRY_KEYS) - {"outputs"}):  # no outputs: an older ledger
         return f"fields are {sorted(entry)}, expected {sorted(ENTRY_KEYS)}"
     checks = {
         "index": isinstance(entry["index"], int) and not isinstance(entry["index"], bool),
@@ -191,6 +206,9 @@ def _schema_problem(entry: Any) -> str | None:
         "model_before": entry["model_before"] is None or _is_hex(entry["model_before"]),
         "model_after": _is_hex(entry["model_after"]),
         "hospitals": isinstance(entry["hospitals"], dict),
+        "outputs": entry.get("outputs") is None or (
+            isinstance(entry["outputs"], dict)
+            and all(isinstance(k, str) and "/" not in k and _is_hex(v) for k, v in entry["outputs"].items())),
         "prev_hash": _is_hex(entry["prev_hash"]),
         "hash": _is_hex(entry["hash"]),
     }
@@ -266,7 +284,7 @@ class Ledger:
     """
 
     #: fields :meth:`append` takes from its caller (the rest are computed)
-    FIELDS = ("round", "config_hash", "model_before", "model_after", "hospitals")
+    FIELDS = ("round", "config_hash", "model_before", "model_after", "hospitals", "outputs")
     REQUIRED = ("round", "config_hash", "model_after")
 
     def __init__(self, path: str | os.PathLike, expect_head: str | None = None) -> None:
@@ -308,7 +326,8 @@ class Ledger:
         """Write one entry and return it (as it reads back from the file, with its hash).
 
         ``fields``: ``round``, ``config_hash``, ``model_after`` (required), ``model_before``
-        (default None), ``hospitals`` ({name: :class:`HospitalRecord`}, default {}). ``norm``
+        (default None), ``hospitals`` ({name: :class:`HospitalRecord`}, default {}),
+        ``outputs`` ({file name in the run dir: :func:`hash_file`}, default None). ``norm``
         and ``epsilon`` may be tensors / numpy scalars; non-finite values are stored as null.
 
         Raises:
@@ -332,6 +351,7 @@ class Ledger:
             "model_before": fields.get("model_before"),
             "model_after": fields["model_after"],
             "hospitals": hospitals,
+            "outputs": fields.get("outputs"),
             "prev_hash": self._head,
         }
         entry = json.loads(canonical_json(entry))  # exactly what a reader will parse
@@ -404,7 +424,40 @@ def verify_run(run_dir: str | os.PathLike) -> VerifyResult:
     if actual != last["model_after"]:
         reason = f"{MODEL_FILE} hashes to {actual[:12]}..., but the entry records {last['model_after'][:12]}..."
         return VerifyResult(False, n, n - 1, reason + " as model_after: the model file was replaced or altered")
-    return VerifyResult(True, n, None, f"chain intact, {MODEL_FILE} matches entry {n - 1}")
+    problem = _config_problem(run_dir, last["config_hash"]) or _outputs_problem(run_dir, last.get("outputs"))
+    if problem:
+        return VerifyResult(False, n, n - 1, problem)
+    checked = [MODEL_FILE, CONFIG_FILE, *(last.get("outputs") or {})]
+    return VerifyResult(True, n, None, f"chain intact, {', '.join(checked)} match entry {n - 1}")
+
+
+def _config_problem(run_dir: Path, recorded: str) -> str | None:
+    """Why ``run_dir/config.yaml`` is not the config whose hash the ledger records, or None."""
+    from omegaconf import OmegaConf
+
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        return f"{CONFIG_FILE} not found in {run_dir}: the run's config was removed"
+    try:
+        actual = hash_config(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+    except Exception as err:  # YAML / OmegaConf errors of a corrupt file: all "unreadable"
+        return f"{CONFIG_FILE} is unreadable ({(str(err).strip().splitlines() or [type(err).__name__])[0][:200]})"
+    if actual != recorded:
+        return (f"{CONFIG_FILE} hashes to {actual[:12]}..., but the ledger records config_hash {recorded[:12]}...: "
+                "the config was edited after the run")
+    return None
+
+
+def _outputs_problem(run_dir: Path, outputs: Mapping[str, str] | None) -> str | None:
+    """Why a result file the ``end`` entry recorded is missing or altered, or None."""
+    for name, recorded in (outputs or {}).items():
+        path = run_dir / name
+        if not path.is_file():
+            return f"{name} not found in {run_dir}, but the ledger recorded it"
+        if (actual := hash_file(path)) != recorded:
+            return (f"{name} hashes to {actual[:12]}..., but the ledger recorded {recorded[:12]}...: it was "
+                    "edited after the run")
+    return None
 
 
 def verify_receipts(run_dir: str | os.PathLike, logs: Sequence[str | os.PathLike]) -> list[str]:

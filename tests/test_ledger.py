@@ -14,6 +14,7 @@ from carefl.ledger import (
     LedgerError,
     entry_hash,
     hash_config,
+    hash_file,
     hash_state_dict,
     main,
     verify_run,
@@ -39,6 +40,7 @@ def hospitals(round: int) -> dict:
 def write_run(run_dir: Path, rounds: int = 3, end: bool = True) -> Ledger:
     """start, `rounds` round entries, end; model_final.pt = the last model."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(CFG), run_dir / "config.yaml")
     ledger = Ledger(run_dir / "ledger.jsonl")
     cfg_hash = hash_config(CFG)
     ledger.append("start", round=0, config_hash=cfg_hash, model_after=hash_state_dict(model_state(0)))
@@ -55,7 +57,11 @@ def write_run(run_dir: Path, rounds: int = 3, end: bool = True) -> Ledger:
         final = model_state(rounds)
         atomic_save(final, run_dir / "model_final.pt")
         final_hash = hash_state_dict(final)
-        ledger.append("end", round=rounds, config_hash=cfg_hash, model_before=final_hash, model_after=final_hash)
+        (run_dir / "metrics.json").write_text('{"status": "completed"}')
+        (run_dir / "summary.md").write_text("dice 0.9\n")
+        outputs = {name: hash_file(run_dir / name) for name in ("metrics.json", "summary.md")}
+        ledger.append("end", round=rounds, config_hash=cfg_hash, model_before=final_hash, model_after=final_hash,
+                      outputs=outputs)
     return ledger
 
 
@@ -139,7 +145,39 @@ def test_clean_ledger_verifies(run, capsys):
     result = verify_run(run)
     assert (result.ok, result.entries, result.first_bad) == (True, 5, None)
     assert main([str(run)]) == 0
-    assert capsys.readouterr().out.strip() == "OK: 5 entries, chain intact, model_final.pt matches entry 4"
+    assert capsys.readouterr().out.strip() == ("OK: 5 entries, chain intact, model_final.pt, config.yaml, "
+                                               "metrics.json, summary.md match entry 4")
+
+
+@pytest.mark.parametrize("name, edit, words", [
+    ("config.yaml", lambda t: t.replace("rounds: 3", "rounds: 30"), ["config.yaml hashes to", "edited after the run"]),
+    ("metrics.json", lambda t: t.replace("completed", "failed"), ["metrics.json hashes to", "edited after the run"]),
+    ("summary.md", lambda t: t.replace("0.9", "0.99"), ["summary.md hashes to", "edited after the run"]),
+])
+def test_edited_config_or_results_are_detected(run, name, edit, words):
+    path = run / name
+    path.write_text(edit(path.read_text()))
+    assert_bad(run, 4, *words)
+
+
+def test_removed_config_or_results_are_detected(run):
+    (run / "summary.md").unlink()
+    assert_bad(run, 4, "summary.md not found")
+    (run / "config.yaml").unlink()
+    assert_bad(run, 4, "config.yaml not found")
+
+
+def test_a_ledger_from_before_outputs_existed_still_verifies(run):
+    entries = [json.loads(line) for line in read_lines(run)]
+    prev = GENESIS
+    for entry in entries:  # as an older CareFL wrote it: no outputs key, hashes over what is there
+        entry.pop("outputs")
+        entry["prev_hash"] = prev
+        entry.pop("hash")
+        entry["hash"] = prev = entry_hash(entry)
+    write_lines(run, [dump(e) for e in entries])
+    result = verify_run(run)
+    assert result.ok, result.reason
 
 
 def test_entries_follow_the_schema(run):
