@@ -63,8 +63,7 @@ def run_flower(cfg, cpus_per_hospital: float, run_dir: Path) -> list[dict]:
     from server_app.simulate import simulate
 
     simulate(cfg, cpus_per_hospital=cpus_per_hospital)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    return [_round_record(r["timing"], r["train"], r["eval"]) for r in metrics["rounds"]]
+    return _records(run_dir)
 
 
 def run_bare(cfg, run_dir: Path) -> list[dict]:
@@ -74,7 +73,19 @@ def run_bare(cfg, run_dir: Path) -> list[dict]:
     from carefl.rounds import run_federation
 
     run_federation(LocalTransport(len(cfg.federation.hospitals)), cfg)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return _records(run_dir)
+
+
+def _records(run_dir: Path) -> list[dict]:
+    """Per-round records of a finished run's metrics.json; a run that did not complete (a
+    hospital killed by the OOM killer, a stopped federation) is an error naming its status and
+    message, not a missing key."""
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        raise RuntimeError(f"the run wrote no {path}; see its log above")
+    metrics = json.loads(path.read_text())
+    if metrics["status"] != "completed":
+        raise RuntimeError(f"the run in {run_dir} ended {metrics['status']}: {metrics['message'] or 'no message'}")
     return [_round_record(r["timing"], r["train"], r["eval"]) for r in metrics["rounds"]]
 
 

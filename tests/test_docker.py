@@ -30,7 +30,9 @@ What it does, printing the wall time of every phase:
                budgets) stay on the host
  13. cleanup   compose down -v, dockerd stopped by its PID, temp dirs removed
 
-Needs root and apt (the CI machine). CAREFL_SKIP_DOCKER=1 skips it (with that reason).
+Runs only when asked, CAREFL_DOCKER=1 (``.ci/run`` sets it); otherwise it skips with that reason,
+so the README's test command never installs system packages. Needs root and apt then (the CI
+machine). CAREFL_SKIP_DOCKER=1 still skips it.
 Knobs: CAREFL_COMPOSE ("docker-compose" | "docker compose"), CAREFL_TEST_OVERRIDES (the
 Hydra overrides of the tiny run), CAREFL_DOCKER_TIMEOUT_S (federation deadline, 900),
 CAREFL_DOCKER_DIR (keep the engine's data there: cached layers, faster reruns).
@@ -66,18 +68,19 @@ TIMEOUT_S = float(os.environ.get("CAREFL_DOCKER_TIMEOUT_S", "900"))
 
 
 def _precheck() -> None:
-    if os.environ.get("CAREFL_SKIP_DOCKER") == "1":
-        pytest.skip("CAREFL_SKIP_DOCKER=1: Docker deployment test skipped on request")
+    if os.environ.get("CAREFL_DOCKER") != "1" or os.environ.get("CAREFL_SKIP_DOCKER") == "1":
+        pytest.skip("the Docker deployment test installs docker.io/docker-compose/debootstrap and starts its own "
+                    "dockerd, so it runs only when asked: CAREFL_DOCKER=1 as root (.ci/run sets it)")
     if os.geteuid() != 0:
         pytest.fail(
             "tests/test_docker.py needs root (it installs docker.io/docker-compose/debootstrap "
-            "and starts its own dockerd); run as root or set CAREFL_SKIP_DOCKER=1"
+            "and starts its own dockerd); run as root, or leave CAREFL_DOCKER unset to skip it"
         )
     have_tools = all(shutil.which(t) for t in ("dockerd", "docker-compose", "debootstrap"))
     if not have_tools and not shutil.which("apt-get"):
         pytest.fail(
             "no apt-get to install docker.io, docker-compose and debootstrap; install them "
-            "by hand or set CAREFL_SKIP_DOCKER=1"
+            "by hand, or leave CAREFL_DOCKER unset to skip it"
         )
 
 
