@@ -39,6 +39,7 @@ from torch import Tensor
 
 from carefl import robust
 from carefl.ledger import hash_state_dict
+from carefl.tasks import UNBOUNDED
 from carefl.receipts import receipt_problem
 
 MAX_RECEIPT_CHARS = 16384
@@ -239,8 +240,9 @@ def check_eval_reply(raw: RawReply, names: Mapping[int, str], metric_names: tupl
 
     The hospital is the one whose authenticated training reply came from ``raw.node_id``
     this round (``names``); the reply must carry every metric of the task in [0, 1] and a
-    whole ``num_examples`` >= 1, all finite; it may carry ``personal_<m>`` and ``trivial_<m>``
-    for a metric m of the task, in [0, 1] too.
+    whole ``num_examples`` >= 1, all finite; it may carry ``<m>_ci_low``/``<m>_ci_high``,
+    ``personal_<m>`` (and its interval) and ``trivial_<m>`` for a metric m of the task, in
+    [0, 1] too (``hd95``: a distance in [0, 1e9] voxels).
     """
     name = names.get(raw.node_id)
     if raw.error is not None:
@@ -251,8 +253,10 @@ def check_eval_reply(raw: RawReply, names: Mapping[int, str], metric_names: tupl
     if status.get("status") != "ok":
         return name, f"{name} did not evaluate: {str(status.get('reason'))[:300]}"
     metrics = raw.metrics if isinstance(raw.metrics, Mapping) else {}
-    # optional: the personal model's metrics (personal_<m>) and a no-model rule's (trivial_<m>)
-    scored = {*metric_names, *(f"personal_{m}" for m in metric_names), *(f"trivial_{m}" for m in metric_names)}
+    # optional: bootstrap intervals (<m>_ci_low/high), the personal model's metrics (personal_<m>,
+    # with intervals) and a no-model rule's (trivial_<m>)
+    with_ci = {*metric_names, *(f"{m}_ci_{end}" for m in metric_names for end in ("low", "high"))}
+    scored = {*with_ci, *(f"personal_{m}" for m in with_ci), *(f"trivial_{m}" for m in metric_names)}
     allowed = {*scored, "num_examples", "eval_seconds", "loss"}
     for key, value in metrics.items():
         if key not in allowed or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -260,9 +264,11 @@ def check_eval_reply(raw: RawReply, names: Mapping[int, str], metric_names: tupl
     missing = [m for m in (*metric_names, "num_examples") if m not in metrics]
     if missing:
         return name, f"{name}: evaluation lacks {missing}"
-    outside = {m: metrics[m] for m in scored if m in metrics and not 0 <= metrics[m] <= 1}
+    outside = {m: metrics[m] for m in scored if m in metrics
+               and not (0 <= metrics[m] <= 1 or (m.removeprefix("personal_").removeprefix("trivial_").split("_ci_")[0]
+                                                 in UNBOUNDED and 0 <= metrics[m] <= 1e9))}
     if outside:
-        return name, f"{name}: evaluation metrics {outside} are outside [0, 1]"
+        return name, f"{name}: evaluation metrics {outside} are outside [0, 1] (hd95: [0, 1e9] voxels)"
     n = metrics["num_examples"]
     if n != int(n) or not 1 <= n <= MAX_EXAMPLES:
         return name, f"{name}: evaluation num_examples={n} must be a whole number >= 1"

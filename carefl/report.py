@@ -149,16 +149,22 @@ class Report:
             found = [values[h][key] for h in sites if h in values]
             return f"{sum(found) / len(found):.3f}" if found else "-"
 
+        def cell(m: dict) -> str:  # the value, with its 95% bootstrap interval over test images if known
+            low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+            return f"{m[key]:.3f}" + (f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else "")
+
         def row(label: str, values: dict, own: str | None = None) -> str:
-            cells = [f"{values[h][key]:.3f}" if h in values else "-" for h in names]
+            cells = [cell(values[h]) if h in values else "-" for h in names]
             others = [h for h in names if h != own]
             off = [mean(values, others), mean(final, others)] if own else ["-", "-"]
             return f"| {label} | " + " | ".join(cells + off) + " |"
 
-        lines = [f"{key} on each hospital's test split (status: {self.data['status']})", "",
+        lines = [f"{key} on each hospital's test split (status: {self.data['status']}); [low, high]: 95% bootstrap "
+                 "interval over that split's test images", "",
                  "| model | " + " | ".join(names) + " | mean on the other sites | federated on those sites |",
                  "|---|" + "---|" * (len(names) + 2), row("federated (final)", final)]
-        personal = {h: {key: m[f"personal_{key}"]} for h, m in final.items() if f"personal_{key}" in m}
+        personal = {h: {k.removeprefix("personal_"): v for k, v in m.items() if k.startswith(f"personal_{key}")}
+                    for h, m in final.items() if f"personal_{key}" in m}
         if personal:
             lines.append(row("personalized (final, own site)", personal))
         baselines = self.data["baselines"]

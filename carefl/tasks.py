@@ -12,6 +12,18 @@ Segmentation, by ``task.num_classes`` = K:
   Metrics: ``dice_c`` = Dice of foreground class c (1..K-1) averaged over images, and ``dice``
   = their mean (mean foreground Dice; background is left out, as in the Decathlon and BraTS).
 
+Both also report boundary metrics (MONAI), averaged over images and foreground classes:
+``hd95``, the 95th-percentile Hausdorff distance in voxels of the evaluated grid (after the
+preset's resampling, e.g. 1.5 x 1.5 x 2 mm for ``ct``), and ``surface_dice``, the fraction of
+both boundaries within 1 voxel of the other (normalised surface Dice). Where a class is absent
+from mask and prediction both, hd95 = 0 and surface Dice = 1 (nothing to miss); where it is in
+one of them only, hd95 = the image's diagonal (the largest distance it can have) and surface
+Dice = 0, so an image never makes a metric NaN and a miss is the worst score, not a skip.
+
+Classification also reports ``sensitivity`` and ``specificity`` of the argmax decision
+(MONAI confusion-matrix metrics): for K = 2 of class 1; for K > 2 one-vs-rest per class
+present in the split, averaged.
+
 Classification: the model outputs logits ``(N, K)``; the loss is cross-entropy; the metrics
 are accuracy and ROC AUC (MONAI ``compute_roc_auc``), defined on every non-empty split -- see
 :func:`compute_metrics` for what ``auc`` means when a split lacks a class.
@@ -42,9 +54,38 @@ def metric_names(task) -> tuple[str, ...]:
     ``("dice",)`` for binary segmentation, ``("dice", "dice_1", ..., "dice_{K-1}")`` for K-class
     segmentation, ``("auc", "accuracy")`` for classification."""
     if task.kind == CLASSIFICATION:
-        return ("auc", "accuracy")
+        return ("auc", "accuracy", "sensitivity", "specificity")
     k = int(task.num_classes)
-    return ("dice",) + tuple(f"dice_{c}" for c in range(1, k)) if k >= 2 else ("dice",)
+    return ("dice", *(f"dice_{c}" for c in range(1, k) if k >= 2), *BOUNDARY)
+
+
+def ci_names(task) -> tuple[str, str]:
+    """The keys of the headline metric's 95% bootstrap interval (:func:`bootstrap_ci`)."""
+    head = HEADLINE[task.kind]
+    return f"{head}_ci_low", f"{head}_ci_high"
+
+
+#: bootstrap resamples of a confidence interval, and the seed of their draws (fixed: the
+#: interval of a given test split is reproducible)
+BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 1000, 0
+
+
+def bootstrap_ci(statistic, n: int) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of ``statistic(indices)`` over a split of ``n`` examples
+    (images): :data:`BOOTSTRAP_RESAMPLES` resamples of n indices drawn with replacement; the
+    2.5th and 97.5th percentiles of the statistic. It describes how much the metric depends on
+    which test images a hospital happened to have, not the training's randomness."""
+    gen = torch.Generator().manual_seed(BOOTSTRAP_SEED)
+    values = torch.tensor([statistic(torch.randint(0, n, (n,), generator=gen)) for _ in range(BOOTSTRAP_RESAMPLES)],
+                          dtype=torch.float64)
+    low, high = torch.quantile(values, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return float(low), float(high)
+
+
+#: segmentation boundary metrics (see the module docstring); ``hd95`` is a distance, not in [0, 1]
+BOUNDARY = ("hd95", "surface_dice")
+#: metrics that are not fractions in [0, 1] (a reply's value must be finite and >= 0)
+UNBOUNDED = ("hd95",)
 
 
 #: the metric that summarises a run (progress lines, plots' headline, robustness table)
@@ -100,7 +141,7 @@ def compute_metrics(task, logits: torch.Tensor, labels: torch.Tensor) -> dict[st
     logit and +-inf as the largest / lowest float32, before the softmax.
     """
     if task.kind == SEGMENTATION:
-        return dice_summary(task, dice_per_image(task, logits, labels))
+        return segmentation_summary(task, segmentation_scores(task, logits, labels))
     if len(labels) == 0:
         raise DataError("the test split has no examples: nothing to evaluate; give the hospital a test split")
     big = float(torch.finfo(torch.float32).max)
@@ -108,18 +149,83 @@ def compute_metrics(task, logits: torch.Tensor, labels: torch.Tensor) -> dict[st
     labels = labels.long().reshape(-1)
     accuracy = float((scores.argmax(dim=1) == labels).double().mean())
     present = labels.unique().tolist()
-    if len(present) == 1:
-        if present[0] not in _ONE_CLASS_WARNED:  # once per class and process: not every round
-            _ONE_CLASS_WARNED.add(present[0])
-            log.warning("AUC is undefined on a test split whose labels are all %d; auc reports the fraction "
-                        "classified correctly instead (%.3f now; said once)", present[0], accuracy)
-        return {"auc": accuracy, "accuracy": accuracy}
-    if scores.shape[1] == 2:  # binary: AUC of the positive-class score
-        auc = compute_roc_auc(scores[:, 1] - scores[:, 0], labels.double())
-    else:
-        log_probs = torch.log_softmax(scores, dim=1)
-        auc = sum(compute_roc_auc(log_probs[:, c], (labels == c).double()) for c in present) / len(present)
-    return {"auc": float(auc), "accuracy": accuracy}
+    if len(present) == 1 and present[0] not in _ONE_CLASS_WARNED:  # once per class and process
+        _ONE_CLASS_WARNED.add(present[0])
+        log.warning("AUC is undefined on a test split whose labels are all %d; auc reports the fraction "
+                    "classified correctly instead (%.3f now; said once)", present[0], accuracy)
+    rates = _sensitivity_specificity(scores.argmax(dim=1), labels, scores.shape[1], present)
+
+    def auc(idx: torch.Tensor) -> float:  # one-vs-rest over the classes present in this sample
+        s_, y = scores[idx], labels[idx]
+        classes = y.unique().tolist()
+        if len(classes) == 1:  # a resample with one class: the documented fallback, as for a split
+            return float((s_.argmax(dim=1) == y).double().mean())
+        if s_.shape[1] == 2:  # binary: AUC of the positive-class score
+            return float(compute_roc_auc(s_[:, 1] - s_[:, 0], y.double()))
+        log_probs = torch.log_softmax(s_, dim=1)
+        return float(sum(compute_roc_auc(log_probs[:, c], (y == c).double()) for c in classes) / len(classes))
+
+    everything = torch.arange(len(labels))
+    return {"auc": auc(everything), "accuracy": accuracy, **rates,
+            **dict(zip(ci_names(task), bootstrap_ci(auc, len(labels))))}
+
+
+def _sensitivity_specificity(pred: torch.Tensor, labels: torch.Tensor, k: int, present: list[int]) -> dict[str, float]:
+    """MONAI confusion-matrix sensitivity and specificity of the decisions ``pred`` (see the
+    module docstring); a rate with no case to count (e.g. no positive in the split) is left out
+    of the mean, and 1.0 when no class has one."""
+    from monai.metrics import compute_confusion_matrix_metric, get_confusion_matrix
+
+    onehot = lambda x: torch.nn.functional.one_hot(x, k).float()  # noqa: E731
+    matrix = get_confusion_matrix(onehot(pred), onehot(labels), include_background=True).sum(dim=0)  # (K, 4)
+    classes = [1] if k == 2 else present
+    out = {}
+    for name in ("sensitivity", "specificity"):
+        values = compute_confusion_matrix_metric(name, matrix)[classes]
+        values = values[torch.isfinite(values)]
+        out[name] = float(values.mean()) if len(values) else 1.0
+    return out
+
+
+def _onehots(task, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prediction, mask) one-hot ``(N, F, *spatial)`` over the foreground classes only."""
+    k = int(task.num_classes)
+    if k == 1:
+        return (torch.sigmoid(logits) > 0.5).float(), labels.float()
+    pred = torch.nn.functional.one_hot(logits.argmax(dim=1), k).movedim(-1, 1).float()
+    mask = torch.nn.functional.one_hot(labels[:, 0].long(), k).movedim(-1, 1).float()
+    return pred[:, 1:], mask[:, 1:]
+
+
+@torch.no_grad()
+def segmentation_scores(task, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per image and foreground class, float64 ``(N, F)``: ``dice`` (:func:`dice_per_image`),
+    ``hd95`` and ``surface_dice`` (MONAI; the empty-class rules of the module docstring)."""
+    import warnings
+
+    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+
+    pred, mask = _onehots(task, logits, labels)
+    with warnings.catch_warnings():  # MONAI warns for every empty class; the rules below handle them
+        warnings.simplefilter("ignore")
+        hd = compute_hausdorff_distance(pred, mask, include_background=True, percentile=95).double()
+        sd = compute_surface_dice(pred, mask, [1.0] * pred.shape[1], include_background=True).double()
+    has_pred = pred.flatten(2).any(dim=2)
+    has_mask = mask.flatten(2).any(dim=2)
+    diagonal = float(torch.tensor(labels.shape[2:], dtype=torch.float64).norm())
+    both_empty, one_empty = ~has_pred & ~has_mask, has_pred ^ has_mask
+    hd = torch.where(both_empty, 0.0, torch.where(one_empty, diagonal, torch.nan_to_num(hd, nan=diagonal)))
+    sd = torch.where(both_empty, 1.0, torch.where(one_empty, 0.0, torch.nan_to_num(sd, nan=0.0)))
+    return {"dice": dice_per_image(task, logits, labels), "hd95": hd.clamp(max=diagonal), "surface_dice": sd}
+
+
+def segmentation_summary(task, scores: dict[str, torch.Tensor]) -> dict[str, float]:
+    """:func:`dice_summary` plus ``hd95`` and ``surface_dice`` averaged over images and classes,
+    from :func:`segmentation_scores` rows (concatenated over images)."""
+    per_image = scores["dice"].mean(dim=1)  # mean foreground Dice of each image; its mean is ``dice``
+    low, high = bootstrap_ci(lambda idx: float(per_image[idx].mean()), len(per_image))
+    return {**dice_summary(task, scores["dice"]), **{m: float(scores[m].mean()) for m in BOUNDARY},
+            **dict(zip(ci_names(task), (low, high)))}
 
 
 @torch.no_grad()
@@ -135,13 +241,8 @@ def dice_per_image(task, logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     """
     if len(labels) == 0:
         raise DataError("the test split has no images: nothing to evaluate; give the hospital a test split")
-    k = int(task.num_classes)
-    metric = DiceMetric(include_background=k == 1, reduction="none", ignore_empty=False)
-    if k == 1:
-        return metric(y_pred=(torch.sigmoid(logits) > 0.5).float(), y=labels).double()
-    pred = torch.nn.functional.one_hot(logits.argmax(dim=1), k).movedim(-1, 1).float()
-    onehot = torch.nn.functional.one_hot(labels[:, 0].long(), k).movedim(-1, 1).float()
-    return metric(y_pred=pred, y=onehot).double()
+    pred, mask = _onehots(task, logits, labels)
+    return DiceMetric(include_background=True, reduction="none", ignore_empty=False)(y_pred=pred, y=mask).double()
 
 
 def dice_summary(task, scores: torch.Tensor) -> dict[str, float]:

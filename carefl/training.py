@@ -13,7 +13,7 @@ from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader, Dataset
 
 from carefl.errors import ConfigError
-from carefl.tasks import build_loss, compute_metrics, dice_per_image, dice_summary
+from carefl.tasks import build_loss, compute_metrics, segmentation_scores, segmentation_summary
 
 
 @dataclass
@@ -134,10 +134,11 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, task, batch_size: int = 3
     from monai.inferers import sliding_window_inference
 
     model.eval()
-    scores = []
+    scores: dict[str, list[torch.Tensor]] = {}
     for i in range(len(dataset)):
         image, label = dataset[i]
         logits = sliding_window_inference(image[None], window.roi_size, window.sw_batch_size, model,
                                           overlap=window.overlap)
-        scores.append(dice_per_image(task, torch.as_tensor(logits), label[None]))
-    return dice_summary(task, torch.cat(scores))
+        for name, rows in segmentation_scores(task, torch.as_tensor(logits), label[None]).items():
+            scores.setdefault(name, []).append(rows)
+    return segmentation_summary(task, {name: torch.cat(rows) for name, rows in scores.items()})

@@ -112,7 +112,7 @@ def test_multiclass_dice_per_class_by_hand_and_the_softmax_loss():
     pred[0, 0, 3, 3] = 0  # class 2: 3 of 4 right -> 2*3/(3+4) = 6/7
     logits = torch.nn.functional.one_hot(pred[:, 0].long(), 3).movedim(-1, 1).float() * 10
     metrics = compute_metrics(SEG3, logits, labels)
-    assert metric_names(SEG3) == ("dice", "dice_1", "dice_2") == tuple(metrics)
+    assert metric_names(SEG3) == ("dice", "dice_1", "dice_2", "hd95", "surface_dice") == tuple(metrics)[:5]
     assert metrics["dice_1"] == pytest.approx(0.8) and metrics["dice_2"] == pytest.approx(6 / 7)
     assert metrics["dice"] == pytest.approx((0.8 + 6 / 7) / 2)  # background left out
     logits.requires_grad_(True)
@@ -338,8 +338,12 @@ def test_sliding_windows_score_the_native_label_exactly(tmp_path):
         def forward(self, x):
             return torch.cat([torch.ones_like(x), torch.zeros_like(x), torch.zeros_like(x)], dim=1)
 
-    assert evaluate(Oracle(), hd.test, cfg.task, window=hd.window) == {"dice": 1.0, "dice_1": 1.0, "dice_2": 1.0}
-    assert evaluate(Background(), hd.test, cfg.task, window=hd.window)["dice"] == 0.0
+    assert evaluate(Oracle(), hd.test, cfg.task, window=hd.window) == {
+        "dice": 1.0, "dice_1": 1.0, "dice_2": 1.0, "hd95": 0.0, "surface_dice": 1.0,
+        "dice_ci_low": 1.0, "dice_ci_high": 1.0}
+    missed = evaluate(Background(), hd.test, cfg.task, window=hd.window)
+    assert missed["dice"] == 0.0 and missed["surface_dice"] == 0.0
+    assert missed["hd95"] == pytest.approx((np.hypot(21, 19) + np.hypot(37, 23)) / 2)  # a miss: the diagonal
 
 
 # ---------------------------------------------------------------- federations end to end

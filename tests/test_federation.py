@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from carefl.config import compose_config
 from carefl.federation import Federation, FederationStopped
@@ -38,6 +39,8 @@ def _reply(name, global_state, delta=0.01, status="ok", n=10.0, rnd=1):
 
 def _fed(tmp_path, *overrides, simulated=True):
     cfg = _cfg(*overrides)
+    (tmp_path / "run").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, tmp_path / "run" / "config.yaml", resolve=True)  # as carefl.rounds.prepare_run_dir does
     return Federation(cfg, tmp_path / "run", build_model(cfg).state_dict(), simulated=simulated)
 
 
@@ -89,8 +92,8 @@ def test_simulated_attack_applies_only_when_the_transport_is_simulated(tmp_path)
 
 
 def test_checkpoint_resume_continues_the_round_and_the_ledger(tmp_path):
-    cfg = _cfg("strategy=fedavgm")
-    fed = Federation(cfg, tmp_path / "run", build_model(cfg).state_dict())
+    fed = _fed(tmp_path, "strategy=fedavgm")
+    cfg = fed.cfg
     fed.aggregate(1, [_reply(h, fed.global_state) for h in HOSPITALS])
     fed.record_evaluation(1, {h: {"dice": 0.5, "num_examples": 4.0} for h in HOSPITALS})
     fed.checkpoint(1)

@@ -92,7 +92,7 @@ def _reference_auc(logits: torch.Tensor, labels: torch.Tensor) -> float:
 def _accepted_by_the_server(metrics: dict, n: int) -> bool:
     """What the round loop does with a hospital's evaluation (NaN made it drop the hospital)."""
     raw = RawReply(node_id=1, status={"hospital": "h", "status": "ok"}, metrics={**metrics, "num_examples": float(n)})
-    return isinstance(check_eval_reply(raw, {1: "h"}, ("auc", "accuracy"))[1], dict)
+    return isinstance(check_eval_reply(raw, {1: "h"}, ("auc", "accuracy", "sensitivity", "specificity"))[1], dict)
 
 
 @pytest.mark.parametrize("k", [2, 3, 5])
@@ -124,7 +124,11 @@ def test_auc_of_known_cases():
     assert compute_metrics(task, torch.zeros(6, 3), torch.tensor([0, 1, 2, 0, 1, 1]))["auc"] == 0.5
     # one class only: right on 3 of 4 -> 0.75, not 0.5 and not NaN
     logits = torch.tensor([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.5, 0.0, 0.1]])
-    assert compute_metrics(task, logits, torch.zeros(4, dtype=torch.long)) == {"auc": 0.75, "accuracy": 0.75}
+    # sensitivity: recall of the one class present (3/4); specificity: no negative to count -> 1.0
+    metrics = compute_metrics(task, logits, torch.zeros(4, dtype=torch.long))
+    assert {k: metrics[k] for k in ("auc", "accuracy", "sensitivity", "specificity")} == {
+        "auc": 0.75, "accuracy": 0.75, "sensitivity": 0.75, "specificity": 1.0}
+    assert metrics["auc_ci_low"] <= 0.75 <= metrics["auc_ci_high"] <= 1.0
 
 
 def test_non_finite_logits_never_make_a_metric_nan():

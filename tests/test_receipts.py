@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -42,7 +43,8 @@ from carefl.receipts import (
 
 HOSPITALS = ("st-mary", "riverside")
 ROUNDS = 3
-CFG_HASH = hash_config({"seed": 0, "federation": {"rounds": ROUNDS, "hospitals": list(HOSPITALS)}})
+CFG = {"seed": 0, "federation": {"rounds": ROUNDS, "hospitals": list(HOSPITALS)}}
+CFG_HASH = hash_config(CFG)
 
 
 def model_hash(step: int) -> str:
@@ -60,6 +62,7 @@ def build_run(tmp_path: Path, heads: bool = True) -> tuple[Path, list[Path]]:
     The server signs its head for every request after round 1 when ``heads``."""
     run = tmp_path / "run"
     run.mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(CFG), run / "config.yaml")  # the config whose hash the entries carry
     server = key(tmp_path, "server")
     ledger = Ledger(run / "ledger.jsonl")
     run_id = ledger.append("start", round=0, config_hash=CFG_HASH, model_after=model_hash(0))["hash"]

@@ -1,5 +1,6 @@
 """Metrics against their formulas; local training really trains; FedProx pulls to the anchor."""
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import TensorDataset
@@ -22,6 +23,44 @@ def test_dice_is_2tp_over_sizes_averaged_over_images():
     logits[1, 0, 0, :] = 5
     logits[1, 0, 1, :] = 5  # 4 right + 4 false positive -> 2*4/(8+4) = 2/3
     assert abs(compute_metrics(SEG, logits, labels)["dice"] - 2 / 3) < 1e-6
+
+
+def test_boundary_metrics_by_hand_and_their_empty_cases():
+    labels = torch.zeros(3, 1, 8, 8)
+    labels[0, 0, 2:6, 2:6] = 1
+    labels[1, 0, 2:4, 2:4] = 1
+    logits = torch.full((3, 1, 8, 8), -5.0)
+    logits[0, 0, 2:6, 2:7] = 5  # one column too many: every boundary voxel within 1, the farthest 1 away
+    # image 1: the lesion is missed; image 2: nothing to find, nothing found
+    metrics = compute_metrics(SEG, logits, labels)
+    diagonal = 8 * 2 ** 0.5
+    assert metrics["hd95"] == pytest.approx((1.0 + diagonal + 0.0) / 3)
+    assert metrics["surface_dice"] == pytest.approx((1.0 + 0.0 + 1.0) / 3)
+
+
+def test_sensitivity_and_specificity_by_hand():
+    labels = torch.tensor([1, 1, 1, 0, 0])
+    logits = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # TP TP FN TN FP
+    metrics = compute_metrics(CLS, logits, labels)
+    assert metrics["sensitivity"] == pytest.approx(2 / 3) and metrics["specificity"] == pytest.approx(1 / 2)
+
+
+def test_bootstrap_intervals_hold_the_estimate_and_shrink_with_more_images():
+    from carefl.tasks import bootstrap_ci
+
+    same = torch.full((50,), 0.7, dtype=torch.float64)
+    assert bootstrap_ci(lambda idx: float(same[idx].mean()), 50) == pytest.approx((0.7, 0.7))
+    gen = torch.Generator().manual_seed(0)
+    widths = []
+    for n in (10, 160):
+        values = torch.rand(n, generator=gen, dtype=torch.float64)
+        low, high = bootstrap_ci(lambda idx: float(values[idx].mean()), n)
+        assert low <= float(values.mean()) <= high
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 2  # ~1/sqrt(n): 4x as wide for 16x fewer images
+    labels = torch.zeros(1, 1, 4, 4)
+    metrics = compute_metrics(SEG, torch.full((1, 1, 4, 4), -5.0), labels)
+    assert metrics["dice_ci_low"] == metrics["dice_ci_high"] == metrics["dice"] == 1.0  # one image: no spread
 
 
 def test_auc_and_accuracy_by_hand():

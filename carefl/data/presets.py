@@ -25,10 +25,11 @@ from typing import Any
 
 import yaml
 
+from carefl.config import CONF_DIR
 from carefl.errors import ConfigError
 
 #: where the preset files live (the checkout's / app's ``conf/preprocess``)
-PRESET_DIR = Path(__file__).resolve().parents[2] / "conf" / "preprocess"
+PRESET_DIR = CONF_DIR / "preprocess"
 _TARGET = re.compile(r"monai\.transforms\.[A-Za-z][A-Za-z0-9_]*")
 _KEYS = {"name", "steps", "augment", "crop_pos", "crop_neg"}
 
