@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 from carefl import attacks, budget, privacy
 from carefl.checkpoint import atomic_save, atomic_write_text
 from carefl.data import load_hospital
+from carefl.data.card import shared_figures
 from carefl.errors import CareFLError, ConfigError
 from carefl.ledger import hash_state_dict
 from carefl.models import build_model, plain_state_dict
@@ -363,6 +364,8 @@ def evaluate_round(request: Request, policy: SitePolicy, global_state: dict[str,
     model.load_state_dict(global_state)
     metrics = evaluate(model, data.test, cfg.task, window=data.window)
     metrics.update({f"trivial_{k}": v for k, v in trivial_metrics(cfg.task, data.test).items()})
+    if policy.share_data_card and data.card is not None:  # its own decision; counts and label frequencies only
+        metrics.update(shared_figures(data.card))
     personal_state = _with_local_norms(cfg, policy, request, global_state)
     if personal_state is not global_state:  # fedbn: global weights + its own normalisation
         model.load_state_dict(personal_state)

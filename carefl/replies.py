@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,8 @@ from carefl.tasks import UNBOUNDED
 from carefl.receipts import receipt_problem
 
 MAX_RECEIPT_CHARS = 16384
+#: a shared data-card figure in an evaluation reply (carefl.data.card.shared_figures)
+CARD_KEY = re.compile(r"card_(train_records|test_records|problems|label_\d{1,4}|class_\d{1,4})")
 MAX_REASON_CHARS = 2000
 MAX_EXAMPLES = 10**8
 #: a declared array may exceed its raw size by at most this (the .npy header), in bytes
@@ -259,8 +262,10 @@ def check_eval_reply(raw: RawReply, names: Mapping[int, str], metric_names: tupl
     scored = {*with_ci, *(f"personal_{m}" for m in with_ci), *(f"trivial_{m}" for m in metric_names)}
     allowed = {*scored, "num_examples", "eval_seconds", "loss"}
     for key, value in metrics.items():
-        if key not in allowed or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return name, f"{name}: evaluation metric {str(key)[:40]}={value!r:.40} is unknown or not a finite number"
+        card = isinstance(key, str) and CARD_KEY.fullmatch(key) is not None  # a hospital's shared data card
+        if (key not in allowed and not card) or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or (card and not 0 <= value <= (1 if "_label_" in key else MAX_EXAMPLES)):
+            return name, f"{name}: evaluation metric {str(key)[:40]}={value!r:.40} is unknown or out of range"
     missing = [m for m in (*metric_names, "num_examples") if m not in metrics]
     if missing:
         return name, f"{name}: evaluation lacks {missing}"

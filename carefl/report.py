@@ -194,6 +194,16 @@ class Report:
                       "| class | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
             lines += [f"| {m[len('dice_'):]} | " + " | ".join(f"{final[h][m]:.3f}" if h in final else "-"
                                                               for h in names) + " |" for m in per_class]
+        shared = {h: {k[len("card_"):]: v for k, v in m.items() if k.startswith("card_")} for h, m in final.items()}
+        shared = {h: c for h, c in shared.items() if c}
+        if shared:  # only hospitals whose site policy says share-data-card: true
+            lines += ["", "data the hospitals chose to share (share-data-card): usable records and label frequencies", "",
+                      "| hospital | train | test | unusable | labels |", "|---|---|---|---|---|"]
+            for h, c in shared.items():
+                freq = ", ".join(f"{k.split('_', 1)[1]}: " + (f"{v:.1%}" if k.startswith("label_") else f"{v:.0f}")
+                                 for k, v in c.items() if k.startswith(("label_", "class_")))
+                lines.append(f"| {h} | {c.get('train_records', 0):.0f} | {c.get('test_records', 0):.0f} "
+                             f"| {c.get('problems', 0):.0f} | {freq} |")
         return "\n".join(lines) + "\n"
 
     def finish(self, status: str, message: str = "") -> str:

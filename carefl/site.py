@@ -30,6 +30,9 @@ key                    meaning (default)
 ``cache-dir``          where its preprocessed images are kept between rounds and runs
                        (``<state-dir>/data-cache``); it holds patient images: keep it
                        where the data itself may live
+``share-data-card``    ``true``: its evaluation replies carry its data card's record counts
+                       and label frequencies (:func:`carefl.data.card.shared_figures`),
+                       shown in the run's summary (``false``)
 ``max-bad-files``      datalist records that may fail to load (unreadable, mismatched
                        geometry, bad label values) and be skipped with a warning; more
                        make it refuse the round (0)
@@ -60,14 +63,15 @@ from carefl.request import NAME, Request
 
 #: keys Flower's simulation engine sets itself
 SIMULATION_KEYS = ("partition-id", "num-partitions")
-DEFAULTS = {"require-dp": True, "max-local-epochs": 10, "max-batch-size": 1024, "max-rounds": 1000, "max-bad-files": 0}
+DEFAULTS = {"require-dp": True, "max-local-epochs": 10, "max-batch-size": 1024, "max-rounds": 1000, "max-bad-files": 0,
+            "share-data-card": False}
 #: the default cache-dir under the state dir
 CACHE_DIR = "data-cache"
 #: node-config keys a SuperNode may set
 NODE_KEYS = (
     "hospital", "data-path", "state-dir", "require-dp", "epsilon-cap", "delta", "max-local-epochs",
     "max-batch-size", "max-rounds", "allowed-models", "allowed-tasks", "torch-threads", "key-file", "cache-dir",
-    "max-bad-files", "site-policy",
+    "max-bad-files", "share-data-card", "site-policy",
 )
 #: what a real SuperNode must set itself (no default, never from the server)
 REQUIRED = ("hospital", "data-path", "state-dir", "epsilon-cap", "delta")
@@ -102,6 +106,7 @@ class SitePolicy:
     key_file: Path
     cache_dir: Path
     max_bad_files: int
+    share_data_card: bool
 
 
 def _policy_file(path: str) -> dict[str, Any]:
@@ -242,7 +247,7 @@ def read_policy(node_config: Mapping[str, Any], request: Request) -> SitePolicy:
         max_local_epochs=limits["max-local-epochs"], max_batch_size=limits["max-batch-size"],
         max_rounds=limits["max-rounds"], allowed_models=_names(values, "allowed-models"),
         allowed_tasks=_names(values, "allowed-tasks"), torch_threads=threads, key_file=key_file,
-        cache_dir=cache_dir, max_bad_files=max_bad,
+        cache_dir=cache_dir, max_bad_files=max_bad, share_data_card=_flag(values, "share-data-card"),
     )
 
 

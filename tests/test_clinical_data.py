@@ -471,3 +471,49 @@ def test_every_presets_augmentation_keeps_the_patch_shape_and_the_label_classes(
         out = augment({"image": torch.rand(shape), "label": label.clone()})
         assert tuple(out["image"].shape) == tuple(out["label"].shape) == shape
         assert set(torch.as_tensor(out["label"]).unique().tolist()) <= {0.0, 1.0, 2.0}
+
+
+def test_only_a_hospital_that_allows_it_shares_its_data_cards_counts_and_label_frequencies(tmp_path):
+    from carefl.hospital import EVALUATE, handle
+    from carefl.replies import RawReply, check_eval_reply
+    from carefl.request import build_request
+
+    entries = []
+    for i in range(4):
+        image, label = blobs((24, 24), 50 + i)
+        entries.append({"image": nifti(tmp_path / f"i{i}.nii.gz", image), "label": nifti(tmp_path / f"l{i}.nii.gz", label)})
+    path = datalist(tmp_path, entries[:3], entries[3:])
+    cfg = cfg_for("task.num_classes=3", "privacy=none", "federation.rounds=1")
+    text = build_request(cfg, 1, "ef" * 32, None, None)
+    state = build_model(cfg).state_dict()
+    node = {"hospital": "st-mary", "data-path": path, "state-dir": str(tmp_path / "state"), "epsilon-cap": "8",
+            "delta": "1e-5", "require-dp": "false"}
+    private = handle(EVALUATE, text, state, node)
+    assert private.status == "ok", private.reason
+    assert not any(k.startswith("card_") for k in private.metrics)  # the default: nothing about the data
+    shared = handle(EVALUATE, text, state, {**node, "share-data-card": "true"})
+    card = {k: v for k, v in shared.metrics.items() if k.startswith("card_")}
+    assert card["card_train_records"] == 3 and card["card_test_records"] == 1 and card["card_problems"] == 0
+    assert sum(v for k, v in card.items() if k.startswith("card_label_")) == pytest.approx(1.0)
+    assert set(card) == {"card_train_records", "card_test_records", "card_problems", "card_label_0", "card_label_1",
+                         "card_label_2"}  # counts and label frequencies, nothing else
+    names = ("dice", "dice_1", "dice_2", "hd95", "surface_dice")
+    raw = RawReply(1, status={"hospital": "st-mary", "status": "ok"}, metrics=shared.metrics)
+    assert isinstance(check_eval_reply(raw, {1: "st-mary"}, names)[1], dict)
+    raw.metrics = {**shared.metrics, "card_label_1": 7.0}  # a fraction above 1 is refused
+    assert "out of range" in check_eval_reply(raw, {1: "st-mary"}, names)[1]
+    raw.metrics = {**shared.metrics, "card_filename": 1.0}
+    assert "unknown" in check_eval_reply(raw, {1: "st-mary"}, names)[1]
+
+
+def test_the_summary_lists_what_hospitals_shared_about_their_data(tmp_path):
+    from carefl.report import Report
+
+    report = Report(tmp_path, compose_config(["federation.hospitals=[a,b]"]))
+    report.add_evaluation(1, {
+        "a": {"dice": 0.8, "num_examples": 3.0, "card_train_records": 12.0, "card_test_records": 3.0,
+              "card_problems": 1.0, "card_label_0": 0.9, "card_label_1": 0.1},
+        "b": {"dice": 0.7, "num_examples": 3.0},  # its policy shares nothing
+    })
+    summary = report.finish("completed")
+    assert "| a | 12 | 3 | 1 | 0: 90.0%, 1: 10.0% |" in summary and "| b |" not in summary.split("share-data-card")[1]

@@ -35,6 +35,7 @@ class HospitalData:
     train: Dataset
     test: Dataset
     window: Any = None  # carefl.data.decathlon.SlidingWindow | None
+    card: dict | None = None  # the data card of a datalist (carefl.data.card); None for other sources
 
 
 def load_hospital(cfg: DictConfig | dict, hospital: str, index: int, data_path: str | None = None,
@@ -67,9 +68,10 @@ def load_hospital(cfg: DictConfig | dict, hospital: str, index: int, data_path: 
     elif name == "decathlon":
         from carefl.data.decathlon import load_decathlon
 
-        train, test, window = load_decathlon(data, task, seed, hospital, _data_file(data, "datalists", hospital, data_path),
-                                             cache_dir, max_bad_files)
-        return HospitalData(hospital, train, test, window)
+        train, test, window, card = load_decathlon(data, task, seed, hospital,
+                                                   _data_file(data, "datalists", hospital, data_path), cache_dir,
+                                                   max_bad_files)
+        return HospitalData(hospital, train, test, window, card)
     elif name == "medmnist":
         from carefl.data.medmnist import load_medmnist
 

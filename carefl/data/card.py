@@ -8,7 +8,9 @@ voxel spacings (min/max per axis), channels, intensity range, label values with 
 fractions (segmentation) or counts per class (classification), the file readers used, and the
 first problems, each naming the entry, the file and the fix. No file name of a usable record,
 no pixel value beyond the global min/max, no per-record figure: it is written for the
-hospital's own operator (``<cache-dir>/data_card.json``) and nothing of it is sent anywhere.
+hospital's own operator (``<cache-dir>/data_card.json``). Only :func:`shared_figures` (record
+counts and label frequencies, nothing else) may go to the server, and only when the
+hospital's site policy says ``share-data-card: true``.
 """
 
 from __future__ import annotations
@@ -92,3 +94,23 @@ def format_card(card: dict) -> str:
         lines.append(f"first {len(card['first_problems'])} problem(s):")
         lines += [f"  - {p}" for p in card["first_problems"]]
     return "\n".join(lines)
+
+
+#: at most this many label values / classes are shared (a card with more shares none of them)
+MAX_SHARED_LABELS = 64
+
+
+def shared_figures(card: dict) -> dict[str, float]:
+    """What a hospital may tell the server about its data (``share-data-card``): usable record
+    counts per split, the number of unusable records, and label frequencies -- voxel fractions
+    per label value (``card_label_<v>``, segmentation) or record counts per class
+    (``card_class_<c>``, classification). No shape, spacing, intensity or file name."""
+    out = {"card_train_records": float(card["splits"]["train"]["usable"]),
+           "card_test_records": float(card["splits"]["test"]["usable"]), "card_problems": float(card["problems"])}
+    labels = card.get("label_voxel_fraction") or {}
+    classes = card.get("class_counts") or {}
+    if len(labels) <= MAX_SHARED_LABELS:
+        out.update({f"card_label_{v}": float(f) for v, f in labels.items()})
+    if len(classes) <= MAX_SHARED_LABELS:
+        out.update({f"card_class_{c}": float(n) for c, n in classes.items()})
+    return out

@@ -90,8 +90,9 @@ class Prepared:
 
 
 def load_decathlon(data: dict, task: dict, seed: int, hospital: str, path: str, cache_dir: Path | None = None,
-                   max_bad_files: int = 0) -> tuple[Dataset, Dataset, SlidingWindow | None]:
-    """(train, test, window) datasets from the datalist JSON at ``path``.
+                   max_bad_files: int = 0) -> tuple[Dataset, Dataset, SlidingWindow | None, dict]:
+    """(train, test, window, card) from the datalist JSON at ``path``; ``card`` is the data card
+    (:mod:`carefl.data.card`).
 
     Items: image float32 ``(task.in_channels, *spatial)``; segmentation label float32
     ``(1, *spatial)`` (binary {0, 1} or class indices, :mod:`carefl.tasks`); classification
@@ -123,8 +124,8 @@ def load_decathlon(data: dict, task: dict, seed: int, hospital: str, path: str, 
                                       neg=preset.spec["crop_neg"], num_samples=1)
         train = Patches(prepared.train, spatial_size, crop, augment)
         window = SlidingWindow(spatial_size, float(data["sw_overlap"]), int(data["sw_batch_size"]))
-        return train, Records(prepared.test, None), window
-    return Records(prepared.train, augment), Records(prepared.test, None), None
+        return train, Records(prepared.test, None), window, prepared.card
+    return Records(prepared.train, augment), Records(prepared.test, None), None, prepared.card
 
 
 def prepare_datalist(data: dict, task: dict, seed: int, hospital: str, path: str,
