@@ -190,12 +190,13 @@ class Federation:
         self.next_round = int(state["round"]) + 1
 
     def finish(self, status: str, message: str = "") -> Path:
-        """Write ``model_final.pt``, the end ledger entry, metrics, ``summary.md`` and plots;
-        return the model path."""
+        """Write ``model_final.pt``, metrics, ``summary.md``, plots, ``report.html`` and then the end
+        ledger entry (which records the hashes of those files); return the model path."""
         final = self.run_dir / "model_final.pt"
         checkpoint.atomic_save(self.global_state, final)
         summary = self.report.finish(status, message)
-        outputs = {name: hash_file(self.run_dir / name) for name in ("metrics.json", "summary.md")}
+        self.report.write_html({"entries": len(self.ledger), "head": self.ledger.head}, self.config_hash)
+        outputs = {name: hash_file(self.run_dir / name) for name in ("metrics.json", "summary.md", "report.html")}
         self.ledger.append("end", round=self.next_round - 1, config_hash=self.config_hash,
                            model_after=self.model_hash, outputs=outputs)
         log.info("results:\n%s", summary)

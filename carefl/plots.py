@@ -88,7 +88,7 @@ def _gain_plot(gains: dict[str, float], metric: str, path: Path) -> Path:
     ax.bar(names, [gains[h] for h in names], color=["tab:green" if gains[h] >= 0 else "tab:red" for h in names])
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_ylabel(f"{metric}: deployed - local-only")
-    ax.set_title("what joining bought each hospital (own test split)")
+    ax.set_title("gain from joining (own test split)", fontsize=10)
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

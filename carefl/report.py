@@ -37,6 +37,26 @@ def _weighted_mean(values: dict[str, dict[str, float]], key: str) -> float:
     return sum(v * w for v, w in pairs) / total if total else float("nan")
 
 
+def _identity(cfg) -> dict[str, str]:
+    """What a reader of ``report.html`` needs to know about how the run was set up."""
+    fed, privacy, strategy = cfg.federation, cfg.privacy, cfg.strategy
+    pre = " -> ".join(str(p["name"]) for p in strategy.get("pre") or [])
+    rule = strategy.rule.name if "rule" in strategy else "?"
+    dp = (f"DP-SGD (Opacus), target epsilon {privacy.target_epsilon} at delta {privacy.target_delta} unless a "
+          f"hospital's own policy is stricter; per-sample clip {privacy.max_grad_norm}, accountant {privacy.accountant}"
+          if privacy.enabled else "off: no differential privacy")
+    data = cfg.data.name + (f", preset {cfg.data.preprocess}" if "preprocess" in cfg.data else "")
+    return {
+        "task": f"{cfg.task.name} ({cfg.task.kind}, {cfg.task.num_classes} class(es), {cfg.task.spatial_dims}D)",
+        "model": cfg.model.name, "data": data, "hospitals": ", ".join(fed.hospitals),
+        "strategy": f"{strategy.name}: " + (f"{pre} -> " if pre else "") + rule,
+        "training": f"{fed.rounds} rounds x {fed.local_epochs} local epoch(s), batch {fed.batch_size}, "
+                    f"{fed.optimizer} lr {fed.lr}",
+        "privacy": dp,
+        "personalization": str(cfg.personalization.name) if "personalization" in cfg else "none",
+    }
+
+
 class Report:
     """Accumulates per-round records and writes them (atomically) to ``run_dir``."""
 
@@ -54,6 +74,7 @@ class Report:
             "rounds": [],
             "baselines": {},
         }
+        self.identity = _identity(cfg)
 
     def _round(self, server_round: int) -> dict:
         rounds = self.data["rounds"]
@@ -217,3 +238,11 @@ class Report:
 
         plot_run(self.data, self.run_dir / "plots")
         return summary
+
+    def write_html(self, ledger: dict, config_hash: str) -> Path:
+        """``report.html`` (:mod:`carefl.html_report`) from what :meth:`finish` wrote; ``ledger``:
+        ``{"entries", "head"}`` now."""
+        from carefl.html_report import write_html
+
+        summary = (self.run_dir / "summary.md").read_text()
+        return write_html(self.run_dir, self.data, summary, {**self.identity, "config hash": config_hash}, ledger)
