@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -44,6 +44,39 @@ TRAIN, EVALUATE = "train", "evaluate"
 RESUME_KEYS = ("resume", "output_dir", "run_id")
 _SECTIONS = ("task", "model", "data", "strategy", "privacy", "federation", "attack", "seed")
 SERVER_KEY_FILE = "server_key.pem"
+
+
+class RunStopped(CareFLError):
+    """The operator stopped the run (``flwr stop``): the transport can no longer reach anyone.
+
+    Raised by a :class:`Transport` call; :func:`run_federation` then ends at once with status
+    ``stopped``, leaving the ledger open and the last completed round's checkpoint in place, so
+    ``resume=<run dir>`` continues from there."""
+
+
+class Stopper:
+    """Ends a running federation as ``stopped`` at any moment, safely: every completed round is
+    already checkpointed and ledgered, so this writes ``metrics.json`` (status ``stopped`` and
+    how to resume), ``summary.md``, the plots and ``report.html``, and leaves the ledger open and
+    the checkpoint in place for ``resume=<run dir>``. Once :meth:`close` ran (the rounds are
+    over, or failed), calling it does nothing."""
+
+    def __init__(self, fed: Federation, run_dir: Path) -> None:
+        self.fed, self.run_dir, self.open = fed, run_dir, True
+
+    def __call__(self, reason: str) -> None:
+        if not self.open:
+            return
+        self.open = False
+        message = f"{reason}; the last completed round's checkpoint is kept: continue with resume={self.run_dir}"
+        log.warning("%s", message)
+        self.fed.report.finish("stopped", message)
+        self.fed.report.write_html({"entries": len(self.fed.ledger), "head": self.fed.ledger.head},
+                                   self.fed.config_hash)
+        log.info("stopped: metrics %s (the ledger stays open for resume=)", self.run_dir / "metrics.json")
+
+    def close(self) -> None:
+        self.open = False
 
 
 class Transport(Protocol):
@@ -207,19 +240,11 @@ def _eval_phase(transport: Transport, fed: Federation, request: str, names: dict
     return evals
 
 
-def run_federation(transport: Transport, cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
-    """Drive all rounds through ``transport``; return the run directory. ``overrides``: the
-    ones the user gave (on ``resume=`` only :data:`RESUME_KEYS` may be among them)."""
-    from carefl.models import build_model  # the server builds the initial model only here
-
-    run_dir, cfg, resume = prepare_run_dir(cfg, overrides)
-    log.info("run directory: %s", run_dir)
-    fed = Federation(cfg, run_dir, build_model(cfg).state_dict(), resume=resume, simulated=transport.simulated)
-    server_key = _server_key(cfg)
-    simulation = simulation_section(cfg, str(run_dir)) if transport.simulated else None
-    wait_for_nodes(transport, cfg)
+def _rounds(transport: Transport, fed: Federation, cfg: DictConfig, server_key: SigningKey,
+            simulation: dict | None) -> tuple[str, str]:
+    """Rounds ``fed.next_round .. federation.rounds``; returns ``(status, message)``:
+    ``completed`` or ``stopped`` (the federation cannot go on, :class:`FederationStopped`)."""
     seen: set[str] = set()
-    status, message = "completed", ""
     for server_round in range(fed.next_round, cfg.federation.rounds + 1):
         start = time.monotonic()
         nodes = sorted(transport.node_ids())  # hospitals that dropped out may be back
@@ -231,8 +256,7 @@ def run_federation(transport: Transport, cfg: DictConfig, overrides: Sequence[st
             summary = fed.aggregate(server_round, replies)
         except FederationStopped as stop:
             log.warning("%s", stop)
-            status, message = "stopped", str(stop)
-            break
+            return "stopped", str(stop)
         aggregated = time.monotonic()
         evals = _eval_phase(transport, fed, request, names, server_round)
         evaluated = time.monotonic()
@@ -245,6 +269,39 @@ def run_federation(transport: Transport, cfg: DictConfig, overrides: Sequence[st
             "round_seconds": end - start,
         })
         log.info("%s", _progress(cfg, server_round, summary, evals, aggregate, end - start, replies))
+    return "completed", ""
+
+
+def run_federation(transport: Transport, cfg: DictConfig, overrides: Sequence[str] = (),
+                   on_start: Callable[[Stopper], None] | None = None) -> Path:
+    """Drive all rounds through ``transport``; return the run directory. ``overrides``: the
+    ones the user gave (on ``resume=`` only :data:`RESUME_KEYS` may be among them).
+    ``on_start(stop)``: called once the run is set up, with the :class:`Stopper` to call if
+    the run is stopped from outside while rounds are running (the ServerApp hands it to
+    Flower's exit handlers for ``flwr stop``)."""
+    from carefl.models import build_model  # the server builds the initial model only here
+
+    run_dir, cfg, resume = prepare_run_dir(cfg, overrides)
+    where = str(cfg.output_dir)
+    why = ("" if Path(where).expanduser().is_absolute() else
+           f" (output_dir={where} is relative: resolved against this ServerApp's working directory {Path.cwd()}; "
+           "for `flwr run .` that is where the local SuperLink was started, so give output_dir an absolute path to "
+           "choose)")
+    log.info("run directory: %s%s", run_dir, why)
+    fed = Federation(cfg, run_dir, build_model(cfg).state_dict(), resume=resume, simulated=transport.simulated)
+    server_key = _server_key(cfg)
+    simulation = simulation_section(cfg, str(run_dir)) if transport.simulated else None
+    wait_for_nodes(transport, cfg)
+    stop = Stopper(fed, run_dir)
+    if on_start is not None:
+        on_start(stop)
+    try:
+        status, message = _rounds(transport, fed, cfg, server_key, simulation)
+    except RunStopped as err:
+        stop(str(err))
+        return run_dir
+    finally:
+        stop.close()  # from here the run ends by fed.finish (or failed with an error)
     if cfg.federation.baselines and status == "completed":
         if transport.simulated:
             from carefl.baselines import run_baselines

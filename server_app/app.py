@@ -7,21 +7,25 @@ Everything else -- the round loop, reply checks, aggregation, ledger -- is in ``
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import shlex
 import sys
 import time
 from collections.abc import Iterator
 
+import httpx
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.exit import add_exit_handler
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from carefl.config import compose_config
 from carefl.errors import CareFLError
 from carefl.replies import ArrayView, RawReply
-from carefl.rounds import log, run_federation
+from carefl.rounds import RunStopped, log, run_federation
 
 app = ServerApp()
 
@@ -55,6 +59,20 @@ def _raw(msg: Message) -> RawReply:
     return RawReply(node, status=records.get("status"), metrics=records.get("metrics"), arrays=arrays)
 
 
+@contextlib.contextmanager
+def _stopped_by_operator():
+    """A Runtime API call refused with HTTP 401 is the run being stopped, not a fault. Flower's
+    retry handles the first 401 itself (it interrupts the process: :func:`_on_flower_exit`);
+    one that still reaches us (a call after that) raises :class:`carefl.rounds.RunStopped`, so
+    the round loop ends with status ``stopped`` either way."""
+    try:
+        yield
+    except httpx.HTTPStatusError as err:
+        if err.response.status_code == httpx.codes.UNAUTHORIZED:
+            raise RunStopped("the run was stopped (flwr stop): the SuperLink no longer answers this ServerApp") from None
+        raise
+
+
 class FlowerTransport:
     """:class:`carefl.rounds.Transport` over a Flower ``Grid``: a SuperLink in deployment, an
     ``InMemoryGrid`` under the simulation engine (how the server knows nodes are simulated)."""
@@ -64,18 +82,22 @@ class FlowerTransport:
         self.simulated = isinstance(grid, InMemoryGrid)
 
     def node_ids(self) -> list[int]:
-        return list(self.grid.get_node_ids())
+        with _stopped_by_operator():
+            return list(self.grid.get_node_ids())
 
     def exchange(self, kind: str, node_ids: list[int], request: str, state: dict[str, torch.Tensor],
                  server_round: int, timeout: float) -> Iterator[RawReply]:
         content = RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({"request": request})})
         messages = [Message(content=content, dst_node_id=nid, message_type=kind, group_id=str(server_round))
                     for nid in node_ids]
-        pending = {mid for mid in self.grid.push_messages(messages) if mid}
+        with _stopped_by_operator():
+            pending = {mid for mid in self.grid.push_messages(messages) if mid}
         deadline, pause = time.monotonic() + timeout, POLL_PAUSES_S[0]
         try:
             while pending and time.monotonic() < deadline:
-                for msg in self.grid.pull_messages(pending):
+                with _stopped_by_operator():
+                    pulled = list(self.grid.pull_messages(pending))
+                for msg in pulled:
                     pending.discard(msg.metadata.reply_to_message_id)
                     yield _raw(msg)
                 if pending:
@@ -87,13 +109,25 @@ class FlowerTransport:
                             "of one that registered again); going on without them", server_round, len(pending), kind)
 
 
+def _on_flower_exit(stop) -> None:
+    """``flwr stop`` (Flower 1.41): the SuperLink revokes the ServerApp's token; the next Runtime
+    API call gets HTTP 401 and Flower interrupts its own process and runs its exit handlers
+    before forcing the exit. This one ends the federation as ``stopped`` (a no-op once the
+    rounds are over or failed: :class:`carefl.rounds.Stopper`)."""
+    add_exit_handler(lambda: stop("the run was stopped (flwr stop, or the ServerApp was told to exit)"),
+                     run_before_force_exit=True)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Compose the Hydra config from the run config and run the federation."""
     _setup_logging()
     try:
         overrides = shlex.split(str(context.run_config.get("overrides", "")))
-        run_federation(FlowerTransport(grid), compose_config(overrides), overrides)
+        run_dir = run_federation(FlowerTransport(grid), compose_config(overrides), overrides, on_start=_on_flower_exit)
+        outcome = json.loads((run_dir / "metrics.json").read_text())
+        if outcome["status"] != "completed":  # Flower would call a federation that stopped early 'completed'
+            raise CareFLError(f"the federation ended {outcome['status']}: {outcome['message']}")
     except CareFLError as err:  # one clear line for every edge error
         log.error("%s", err)
         # Re-raised (short traceback) rather than SystemExit: Flower then marks the run

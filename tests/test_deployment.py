@@ -77,14 +77,19 @@ def test_deployment_two_rounds_on_each_hospitals_own_nifti_data(deployment: Depl
     assert "northfield" in log and "points outside the datalist's directory" in log, log
 
 
+def _two_demo_hospitals(deployment: Deployment, tmp_path: Path) -> None:
+    """A SuperLink and SuperNodes st-mary and riverside on the demo data (synthetic:0 and :1)."""
+    deployment.start_superlink()
+    for i, hospital in enumerate(("st-mary", "riverside")):
+        deployment.start_supernode(hospital, data_path=f"synthetic:{i}", state_dir=str(tmp_path / "state" / hospital))
+
+
 @pytest.mark.slow
 def test_a_run_submitted_with_privacy_none_is_refused_by_every_hospital(deployment: Deployment, tmp_path: Path):
     """A hostile (or careless) submitter asks real SuperNodes to train without DP: each
     hospital's own policy (require-dp defaults to true) refuses, signed; nothing trains and the
     run stops with the reason, so no weights computed without DP ever leave a hospital."""
-    deployment.start_superlink()
-    for i, hospital in enumerate(("st-mary", "riverside")):
-        deployment.start_supernode(hospital, data_path=f"synthetic:{i}", state_dir=str(tmp_path / "state" / hospital))
+    _two_demo_hospitals(deployment, tmp_path)
     out = tmp_path / "out"
     run_id = deployment.submit(f"privacy=none federation.hospitals=[st-mary,riverside] federation.rounds=2 "
                                f"data.n_train=16 data.n_test=4 data.image_size=16 federation.baselines=false "
@@ -95,3 +100,58 @@ def test_a_run_submitted_with_privacy_none_is_refused_by_every_hospital(deployme
     assert {h: t["status"] for h, t in record["train"].items()} == {"st-mary": "refused", "riverside": "refused"}
     assert all("require-dp=true" in t["reason"] for t in record["train"].values())
     assert not any((tmp_path / "state" / h / "privacy_history.json").exists() for h in ("st-mary", "riverside"))
+
+
+@pytest.mark.slow
+def test_flwr_stop_ends_the_run_stopped_with_its_checkpoint_kept(deployment: Deployment, tmp_path: Path):
+    """``flwr stop`` in the middle of a run: Flower revokes the ServerApp's token and makes it
+    exit; CareFL's exit handler writes status 'stopped' (message: how to resume), keeps the last
+    completed round's checkpoint and leaves the ledger open -- intact, not finished."""
+    import time
+
+    from carefl.ledger import verify_run
+
+    _two_demo_hospitals(deployment, tmp_path)
+    out = tmp_path / "out"
+    run_id = deployment.submit(f"federation.rounds=30 data.image_size=16 data.n_train=16 data.n_test=4 "
+                               f"federation.hospitals=[st-mary,riverside] federation.baselines=false "
+                               f"output_dir={out} run_id=st")
+    metrics = out / "st" / "metrics.json"
+
+    def rounds() -> int:
+        return len(json.loads(metrics.read_text())["rounds"]) if metrics.is_file() else 0
+
+    deadline = time.monotonic() + 300
+    while rounds() < 1 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert rounds() >= 1, deployment.log(run_id) + deployment.procs.tails()
+    stopped = deployment.flwr("stop", run_id, deployment.CONNECTION)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    while json.loads(metrics.read_text())["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(1)
+    data = json.loads(metrics.read_text())
+    assert data["status"] == "stopped" and "flwr stop" in data["message"] and "resume=" in data["message"], data
+    assert deployment.status(run_id) == "finished:stopped"
+    assert (out / "st" / "checkpoints" / "latest").exists() and not (out / "st" / "model_final.pt").exists()
+    result = verify_run(out / "st")
+    assert not result.ok and result.first_bad is None, result.reason  # open for resume=, not tampered
+
+
+@pytest.mark.slow
+def test_carefl_run_follows_the_run_and_exits_with_its_outcome(deployment: Deployment, tmp_path: Path):
+    """A script can rely on carefl-run: 0 for a completed federation, 1 for one that stopped
+    early (here every hospital refuses a run without DP), with the reason in what it printed."""
+    _two_demo_hospitals(deployment, tmp_path)
+    tiny = ("federation.hospitals=[st-mary,riverside] federation.rounds=1 data.n_train=16 data.n_test=4 "
+            "data.image_size=16 federation.baselines=false").split()
+
+    def carefl_run(*overrides: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "carefl-run"), deployment.CONNECTION, *tiny, *overrides, "--poll", "1"],
+                              cwd=deployment.project, env=deployment.env, capture_output=True, text=True, timeout=600)
+
+    done = carefl_run(f"output_dir={tmp_path / 'out'}", "run_id=ok")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "finished:completed" in done.stdout and "round 1/1" in done.stdout  # the log was followed
+    refused = carefl_run(f"output_dir={tmp_path / 'out'}", "run_id=nodp", "privacy=none")
+    assert refused.returncode == 1, refused.stdout[-3000:] + refused.stderr[-3000:]
+    assert "finished:failed" in refused.stdout and "the federation ended stopped" in refused.stdout

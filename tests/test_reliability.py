@@ -270,3 +270,54 @@ def test_carefl_sim_bad_config_exits_nonzero_without_traceback(overrides, names,
     assert all(name in done.stderr for name in names), done.stderr
     assert snapshot(finished_run) == before
     assert {p.name for p in out.iterdir()} - {".hydra"} == {"old"}  # .hydra: Hydra's own job log
+
+
+def test_a_run_stopped_by_the_operator_keeps_its_checkpoint_and_resumes(tmp_path):
+    """``flwr stop`` reaches the loop as RunStopped from the transport (server_app: HTTP 401 from
+    the SuperLink), in any phase: the run ends 'stopped', the ledger stays open, and resume=
+    continues from the last completed round to the same end a run never stopped reaches."""
+    import json
+
+    from carefl.config import compose_config
+    from carefl.ledger import verify_run
+    from carefl.local_transport import LocalTransport
+    from carefl.rounds import RunStopped, run_federation
+
+    class StoppedDuringRound3Evaluation(LocalTransport):
+        def exchange(self, kind, node_ids, request, state, server_round, timeout):
+            if (server_round, kind) == (3, "evaluate"):
+                raise RunStopped("the run was stopped (flwr stop)")
+            yield from super().exchange(kind, node_ids, request, state, server_round, timeout)
+
+    tiny = ["data.n_train=8", "data.n_test=4", "data.image_size=16", "federation.rounds=4", "federation.baselines=false",
+            "federation.batch_size=4", "privacy=none", f"output_dir={tmp_path}", "run_id=r"]
+    run_dir = run_federation(StoppedDuringRound3Evaluation(3), compose_config(tiny))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "stopped" and "flwr stop" in metrics["message"] and "resume=" in metrics["message"]
+    assert not (run_dir / "model_final.pt").exists() and (run_dir / "report.html").is_file()
+    result = verify_run(run_dir)
+    assert not result.ok and result.first_bad is None  # open, not tampered: 'the run has not finished'
+    resumed = run_federation(LocalTransport(3), compose_config([f"resume={run_dir}", f"output_dir={tmp_path}"]),
+                             [f"resume={run_dir}", f"output_dir={tmp_path}"])
+    final = json.loads((resumed / "metrics.json").read_text())
+    assert final["status"] == "completed" and [r["round"] for r in final["rounds"]] == [1, 2, 3, 4]
+    assert verify_run(resumed).ok
+
+
+def test_the_first_line_says_where_a_relative_output_dir_went_and_why(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from carefl.config import compose_config
+    from carefl.local_transport import LocalTransport
+    from carefl.rounds import run_federation
+
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.INFO, logger="carefl")
+    logging.getLogger("carefl").propagate = True  # the ServerApp turns it off for its own handler
+    tiny = ["data.n_train=8", "data.n_test=4", "data.image_size=16", "federation.rounds=1", "federation.baselines=false",
+            "federation.batch_size=4", "privacy=none", "output_dir=rel", "run_id=r"]
+    run_dir = run_federation(LocalTransport(3), compose_config(tiny))
+    assert run_dir == tmp_path / "rel" / "r"
+    first = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("run directory"))
+    assert f"run directory: {run_dir} (output_dir=rel is relative: resolved against this ServerApp's working " \
+           f"directory {tmp_path}" in first
