@@ -5,7 +5,6 @@ ServerApp/ClientApp; sizes are tiny so the whole file runs in a few minutes.
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_ports, process_env
 
 from carefl import privacy
 from carefl.config import compose_config
@@ -105,26 +105,58 @@ def test_hydra_multirun_sweeps_strategies(tmp_path):
     assert sorted((r / "config.yaml").read_text().split("rule:")[1].split("name:")[1].split()[0] for r in runs) == names
 
 
-def test_flwr_run_dot_runs_the_app_from_a_fresh_copy(tmp_path):
-    """The README's `flwr run . --stream`, on a copy of the project (the first run edits
-    pyproject.toml) with an isolated Flower home."""
-    app = tmp_path / "app"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file():
-            (app / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, app / name)
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "PATH": f"{BIN}:{os.environ['PATH']}",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    out = tmp_path / "out"
-    overrides = " ".join([*TINY, "federation.rounds=2", "federation.baselines=false", f"output_dir={out}"])
+def _checkout(tmp_path: Path, name: str) -> tuple[Path, dict]:
+    """A fresh copy of the project (the first `flwr run` edits pyproject.toml) and its own Flower
+    home and local SuperLink ports (Flower's background SuperLink listens on fixed ports whatever
+    FLWR_HOME is, so two checkouts would otherwise share one)."""
+    app = tmp_path / name
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    for file in files:
+        if (ROOT / file).is_file():
+            (app / file).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / file, app / file)
+    http, control = free_ports(2)
+    env = process_env(FLWR_HOME=str(tmp_path / f"flwr-{name}"), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http),
+                      FLWR_LOCAL_CONTROL_API_PORT=str(control))
+    return app, env
+
+
+def _stop_local_superlinks(flwr_home: Path) -> None:
+    """Stop, by PID, the background SuperLink(s) `flwr run` started with this Flower home."""
+    import psutil
+
+    for proc in psutil.process_iter(["pid", "cmdline", "environ"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            env = proc.info["environ"] or {}
+        except (psutil.Error, TypeError):
+            continue
+        if "flower-superlink" in cmd and (str(flwr_home) in cmd or env.get("FLWR_HOME") == str(flwr_home)):
+            proc.kill()
+
+
+def test_flwr_run_dot_runs_the_app_from_a_fresh_copy_and_two_checkouts_do_not_mix(tmp_path):
+    """The README's `flwr run . --stream` on two copies of the project, one after the other,
+    each with its own Flower home and local SuperLink ports: each run lands in its own
+    SuperLink (its `flwr ls` lists one run) and writes to its own output directory."""
+    runs = {}
     try:
-        proc = subprocess.run([str(BIN / "flwr"), "run", ".", "--stream", "--run-config", f"overrides='{overrides}'"],
-                              cwd=app, env=env, capture_output=True, text=True, timeout=600)
-        log = proc.stdout + proc.stderr
-        assert proc.returncode == 0, log[-3000:]
-        assert "3 simulated SuperNodes" in log and "round 2/2" in log
-        (run,) = _run_dirs(out)
-        assert json.loads((run / "metrics.json").read_text())["status"] == "completed"
-    finally:  # `flwr run` leaves a detached local SuperLink behind: stop ours
-        subprocess.run(["pkill", "-f", f"flower-superlink.*{tmp_path / 'flwr'}"], check=False)
+        for name in ("a", "b"):
+            app, env = _checkout(tmp_path, name)
+            out = tmp_path / f"out-{name}"
+            overrides = " ".join([*TINY, "federation.rounds=2", "federation.baselines=false", f"output_dir={out}"])
+            proc = subprocess.run([str(BIN / "flwr"), "run", ".", "--stream", "--run-config", f"overrides='{overrides}'"],
+                                  cwd=app, env=env, capture_output=True, text=True, timeout=600)
+            log = proc.stdout + proc.stderr
+            assert proc.returncode == 0, log[-3000:]
+            assert "3 simulated SuperNodes" in log and "round 2/2" in log
+            (run,) = _run_dirs(out)
+            assert json.loads((run / "metrics.json").read_text())["status"] == "completed"
+            listed = subprocess.run([str(BIN / "flwr"), "ls", "--format", "json"], cwd=app, env=env,
+                                    capture_output=True, text=True, timeout=120).stdout
+            runs[name] = [r["run-id"] for r in json.loads(listed[listed.index("{"):])["runs"]]
+        assert len(runs["a"]) == len(runs["b"]) == 1 and runs["a"] != runs["b"]  # neither saw the other's run
+    finally:
+        for name in ("a", "b"):
+            _stop_local_superlinks(tmp_path / f"flwr-{name}")
