@@ -17,16 +17,12 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from flwr.app import Context
-from flwr.serverapp import Grid, ServerApp
-from flwr.simulation import run_simulation
 from omegaconf import DictConfig
 
+# Only the config edge is imported up front: a bad override is answered before torch, MONAI
+# and Flower load (seconds on a busy machine); they are imported when a run starts.
 from carefl.config import CONF_DIR, compose_config, validate
 from carefl.errors import CareFLError
-from client_app.app import app as client_app
-from carefl.rounds import log, run_federation
-from server_app.app import FlowerTransport, _setup_logging
 
 
 def simulate(cfg: DictConfig, overrides: list[str] = (), cpus_per_hospital: float = 1.0) -> str:
@@ -35,6 +31,14 @@ def simulate(cfg: DictConfig, overrides: list[str] = (), cpus_per_hospital: floa
     ``overrides``: the ones given on the command line (checked on ``resume=``). Returns the
     run's status (``completed`` | ``stopped``, from its ``metrics.json``), or ``failed`` when
     the server ended without writing one (an error, logged)."""
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from carefl.rounds import log, run_federation
+    from client_app.app import app as client_app
+    from server_app.app import FlowerTransport, _setup_logging
+
     validate(cfg)
     server = ServerApp()
     ended: dict[str, Path] = {}  # run_simulation runs the ServerApp in this process
@@ -71,6 +75,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     if status != "completed":
         message = f"carefl-sim: the run ended {status}; its log above and metrics.json say why"
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # one job's end must not cut the sweep short
+            from carefl.rounds import log
+
             log.error("%s", message)
         else:
             raise SystemExit(message)
