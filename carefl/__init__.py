@@ -9,3 +9,19 @@ import os
 # imported, before any model or matrix exists. setdefault keeps an operator's explicit choice,
 # e.g. THP_MEM_ALLOC_ENABLE=0. On kernels with THP off the madvise is a no-op.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import logging
+import warnings
+
+# Third-party warnings that tell a CareFL user nothing they can act on, filtered once, here:
+# every CareFL process (ServerApp, ClientApp, carefl-sim, the CLIs) imports this package first.
+# - Opacus "Secure RNG turned off": CareFL draws Poisson sampling and noise from OS entropy
+#   itself and says what that guarantees (carefl.privacy, "Randomness the server cannot predict");
+# - torch "Full backward hook is firing ... no inputs require gradients": Opacus' per-sample
+#   hooks on the first layer, whose input is the image;
+# - Opacus RDP "Optimal order is the largest alpha": the RDP bound is only ever a cross-check;
+# - Opacus "First batch is empty": an empty Poisson batch is a real event that
+#   carefl.training.train_epochs turns into a noise-only step, as the accountant counts it.
+for _message in ("Secure RNG turned off", "Full backward hook is firing", "Optimal order is the largest alpha"):
+    warnings.filterwarnings("ignore", message=f".*{_message}")
+logging.getLogger("opacus.data_loader").addFilter(lambda record: "First batch is empty" not in record.getMessage())

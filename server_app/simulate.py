@@ -11,6 +11,8 @@ instead of ``--run-config``. Each job writes its own ``<output_dir>/<run-id>/``.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +42,12 @@ def simulate(cfg: DictConfig, overrides: list[str] = (), cpus_per_hospital: floa
     from server_app.app import FlowerTransport, _setup_logging
 
     validate(cfg)
+    # carefl-sim calls run_simulation on purpose (Hydra sweeps run in-process): Flower's notice
+    # that `flwr run` is preferred says nothing to a CareFL user. Ray's tip about visible GPUs
+    # with num_gpus=0 is answered by adopting its coming default now (simulated hospitals train
+    # on the CPU either way: CareFL never moves a model to CUDA by itself).
+    logging.getLogger("flwr").addFilter(lambda r: "`run_simulation` function is deprecated" not in r.getMessage())
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     server = ServerApp()
     ended: dict[str, Path] = {}  # run_simulation runs the ServerApp in this process
 
