@@ -108,32 +108,66 @@ def local_steps(num_examples: int, batch_size: int, epochs: int) -> int:
 SIGMA_FILE = "noise_multiplier.json"
 
 
-def planned_noise_multiplier(cfg, num_examples: int, delta: float, epochs: int, state_dir: Path | None = None) -> float:
+def planned_noise_multiplier(cfg, num_examples: int, delta: float, epochs: int, state_dir: Path | None = None,
+                             cap: float | None = None, history: list | None = None, run_id: str | None = None) -> float:
     """``privacy.noise_multiplier``, or the sigma calibrated ONCE so that ``epochs`` passes
     (all rounds x local epochs) of Poisson-sampled DP-SGD reach ``privacy.target_epsilon``.
+
+    With the hospital's ``cap`` (its ``epsilon-cap``), ``history`` (its accountant history
+    when the run started) and the ``run_id``: sigma is the larger of that and the sigma with
+    which the whole plan brings the history to the cap (:func:`sigma_for_cap`). So a hospital
+    whose cap is below what the consortium's target would make it spend trains in every round
+    with more noise, instead of sitting out the rounds past its cap; a cap above it changes
+    nothing. Either way the cap check of every round still holds.
 
     Calibration is a pure function of (target epsilon, delta, q, steps, accountant) and costs
     seconds (a PRV bisection; ~5 s per hospital here, benchmarks/bench_overhead.py). With a
     ``state_dir`` its result is kept in ``<state_dir>/noise_multiplier.json``, so a hospital
-    calibrates once per plan, not once per round (every round may land on another worker).
+    calibrates once per plan, not once per round (every round may land on another worker); the
+    cap's sigma is kept per run, fixed by the history of the run's first round.
     """
     if cfg.privacy.noise_multiplier is not None:
         return float(cfg.privacy.noise_multiplier)
     batch = cfg.federation.batch_size
-    args = (float(cfg.privacy.target_epsilon), float(delta), privacy.sample_rate(num_examples, batch),
-            local_steps(num_examples, batch, epochs), str(cfg.privacy.accountant))
+    q, steps = privacy.sample_rate(num_examples, batch), local_steps(num_examples, batch, epochs)
+    args = (float(cfg.privacy.target_epsilon), float(delta), q, steps, str(cfg.privacy.accountant))
     path = Path(state_dir) / SIGMA_FILE if state_dir is not None else None
     try:
         known = json.loads(path.read_text()) if path is not None and path.is_file() else {}
     except ValueError:  # a torn or edited cache is only a cache: calibrate again
         known = {}
     key = json.dumps(args)
+    cap_key = json.dumps(["cap", run_id, cap, *args[1:]]) if cap is not None and math.isfinite(cap) and run_id else None
+    missing = key not in known or (cap_key is not None and cap_key not in known)
     if key not in known:
         known[key] = privacy.calibrate_noise(*args)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps(known))
-    return float(known[key])
+    if cap_key is not None and cap_key not in known:
+        known[cap_key] = sigma_for_cap(cap, float(delta), list(history or []), q, steps, str(cfg.privacy.accountant))
+    if missing and path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(known))
+    return max(float(known[key]), float(known[cap_key]) if cap_key is not None else 0.0)
+
+
+def sigma_for_cap(cap: float, delta: float, history: list, sample_rate: float, steps: int, accountant: str) -> float:
+    """The smallest sigma (within 0.1%) with which ``steps`` more steps at ``sample_rate`` bring
+    ``history`` to at most ``cap`` (at ``delta``); Opacus' calibration when the history is
+    empty, a bisection on :func:`carefl.privacy.projected_epsilon` otherwise (epsilon falls as
+    sigma grows). When even a thousand times that sigma would pass the cap, the cap is spent:
+    the fresh calibration is returned and the rounds' cap check refuses, as before."""
+    low = privacy.calibrate_noise(cap, delta, sample_rate, steps, accountant)
+    if not history:
+        return low
+    spent = lambda sigma: privacy.projected_epsilon(history, sigma, sample_rate, steps, delta, accountant)  # noqa: E731
+    high = low
+    while spent(high) > cap:
+        high *= 2
+        if high > 1000 * low:
+            return low
+    while high - low > 1e-3 * high:
+        middle = (low + high) / 2
+        low, high = (middle, high) if spent(middle) > cap else (low, middle)
+    return high
 
 
 def make_private(cfg, model, optimizer, loader, sigma: float, history: list):
@@ -207,7 +241,7 @@ def _train_locked(request: Request, policy: SitePolicy, global_state, key: Signi
     # the personal fine-tuning still to come is kept in reserve by this round's cap check
     reserve = personal_epochs(cfg) if not _personal_path(policy, request).exists() else 0
     trained, metrics, history = _local_training(cfg, policy, key, receipts, model, train_set, fed.local_epochs, seed,
-                                                reserve)
+                                                request.run_id, reserve)
     if trained is None:
         return HospitalReply(policy.hospital, "refused", metrics.pop("reason"), None, metrics), history
     state = plain_state_dict(trained)
@@ -248,13 +282,14 @@ def personal_epochs(cfg) -> int:
 
 
 def _local_training(cfg, policy: SitePolicy, key: SigningKey, receipts: ReceiptLog, model, train_set: Dataset,
-                    epochs: int, seed: int, reserve_epochs: int = 0):
+                    epochs: int, seed: int, run_id: str, reserve_epochs: int = 0):
     """Train ``model`` on ``train_set`` for ``epochs`` (DP-SGD unless the request disables it and
     the policy allows that); the one local-training path of federated rounds and personal
     fine-tuning, so both are accounted alike.
 
     Under DP: sigma is the plan's (:func:`planned_noise_multiplier` over all rounds' local epochs
-    plus the personal epochs); the cap check projects this call's steps plus
+    plus the personal epochs, never below what keeps the whole run within the hospital's cap);
+    the cap check projects this call's steps plus
     ``reserve_epochs`` more (personal fine-tuning still to come); the spend is written ahead of
     training and committed after it. Returns ``(trained model or None if the budget refuses,
     metrics, history or None without DP)``; a refusal's metrics hold ``reason``.
@@ -274,9 +309,9 @@ def _local_training(cfg, policy: SitePolicy, key: SigningKey, receipts: ReceiptL
     sample_rate = privacy.sample_rate(n, fed.batch_size)
     steps = local_steps(n, fed.batch_size, epochs)
     reserve = local_steps(n, fed.batch_size, reserve_epochs) if reserve_epochs else 0
-    sigma = planned_noise_multiplier(cfg, n, policy.delta, fed.rounds * fed.local_epochs + personal_epochs(cfg),
-                                     policy.state_dir)
     history = budget.load(policy.state_dir, key, receipts)
+    sigma = planned_noise_multiplier(cfg, n, policy.delta, fed.rounds * fed.local_epochs + personal_epochs(cfg),
+                                     policy.state_dir, policy.epsilon_cap, history, run_id)
     ok, projected, reason = privacy.budget_check(policy.epsilon_cap, policy.delta, history, sigma, sample_rate,
                                                  steps + reserve, cfg.privacy.accountant)
     metrics.update(epsilon_cap=policy.epsilon_cap, delta=policy.delta, noise_multiplier=float(sigma))
@@ -332,7 +367,7 @@ def personalize(request: Request, policy: SitePolicy, global_state, train_set: D
         model.load_state_dict(global_state)
         seed = cfg.seed * 100_003 + (cfg.federation.rounds + 1) * 101 + policy.index
         trained, metrics, history = _local_training(cfg, policy, key, receipts, model, train_set,
-                                                    personal_epochs(cfg), seed)
+                                                    personal_epochs(cfg), seed, request.run_id)
         state = plain_state_dict(trained) if trained is not None else None
         receipt = make_receipt(  # for "<run>.personal": never mistaken for a round's receipt the
             key, run_id=request.run_id + PERSONAL_SUFFIX, round=request.round,  # server's ledger holds

@@ -17,7 +17,7 @@ from conftest import free_ports, process_env
 from carefl import privacy
 from carefl.config import compose_config
 from carefl.data import load_hospital
-from carefl.hospital import local_steps, planned_noise_multiplier
+from carefl.hospital import local_steps
 from carefl.ledger import hash_state_dict, verify_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,20 +70,21 @@ def test_run_directory_holds_config_metrics_models_plots_and_a_valid_ledger(tmp_
 
 
 def test_budget_cap_that_runs_out_after_two_rounds_ends_the_run_cleanly(tmp_path):
-    """Each hospital's cap lies between its epsilon after 2 and after 3 rounds (same formula
-    the hospital uses): rounds 1-2 train, round 3 is refused by all, the run stops cleanly."""
-    overrides = [*TINY, "federation.rounds=4"]
+    """Each hospital's cap lies between its epsilon after 2 and after 3 rounds at a fixed sigma
+    (privacy.noise_multiplier: with a target epsilon a hospital would calibrate its noise to its
+    cap and train every round): rounds 1-2 train, round 3 is refused by all, the run stops cleanly."""
+    overrides = [*TINY, "federation.rounds=4", "privacy.noise_multiplier=1.0", "privacy.target_epsilon=null"]
     cfg = compose_config(overrides)
     caps = {}
     for i, name in enumerate(cfg.federation.hospitals):
         n = len(load_hospital(cfg, name, i).train)
-        sigma = planned_noise_multiplier(cfg, n, 1e-5, 4)
+        sigma = 1.0
         q, steps = privacy.sample_rate(n, 8), local_steps(n, 8, 1)
         eps2, eps3 = (privacy.epsilon([(sigma, q, steps * r)], 1e-5) for r in (2, 3))
         caps[name] = (eps2 + eps3) / 2
     policies = ",".join(f"{h}:{{epsilon-cap:{c:.4f}}}" for h, c in caps.items())
-    proc = carefl_sim(tmp_path, "federation.rounds=4", f"+federation.site_policies={{{policies}}}", "federation.baselines=false",
-                      returncode=1)  # a stopped run is not a success for scripts and CI
+    proc = carefl_sim(tmp_path, *overrides[len(TINY):], f"+federation.site_policies={{{policies}}}",
+                      "federation.baselines=false", returncode=1)  # a stopped run is not a success for scripts and CI
     assert "carefl-sim: the run ended stopped" in proc.stderr
     (run,) = _run_dirs(tmp_path)
     metrics = json.loads((run / "metrics.json").read_text())

@@ -267,3 +267,24 @@ def test_a_simulated_hospital_keeps_its_partition_index_whatever_its_data():
     assert (policy.hospital, policy.index, policy.synthetic_site, policy.data_path) == ("riverside", 1, None, "/data/riv.json")
     demo = read_policy({"partition-id": 2, "num-partitions": 3}, request)
     assert (demo.hospital, demo.index, demo.synthetic_site) == ("northfield", 2, 2)
+
+
+def test_a_cap_below_the_consortiums_target_trains_every_round_with_more_noise(tmp_path):
+    """epsilon-cap=5 under the default target 8: the hospital calibrates its own sigma so the
+    whole run ends at its cap, trains in every round instead of sitting out the last ones, and
+    a second run on the same data brings the total, not the run alone, to the cap."""
+    from carefl import privacy
+
+    def run(rounds_dir) -> list:
+        replies = [handle(TRAIN, *request(server_round=r), node(rounds_dir, **{"epsilon-cap": "5.0"}))
+                   for r in (1, 2, 3)]
+        assert [r.status for r in replies] == ["ok"] * 3, [r.reason for r in replies]
+        return replies
+
+    first = run(tmp_path)
+    assert 4.9 <= first[-1].metrics["epsilon"] <= 5.0  # the plan ends at the cap, not at the target
+    wide = handle(TRAIN, *request(server_round=1), node(tmp_path / "wide", **{"epsilon-cap": "50.0"}))
+    assert wide.metrics["noise_multiplier"] < first[0].metrics["noise_multiplier"]  # target 8 < cap 50: the plan's
+    state = tmp_path / "state"
+    history = budget.load(state, SigningKey.load_or_create(state / KEY_FILE), ReceiptLog(state / LOG_FILE))
+    assert privacy.epsilon(history, 1e-5) <= 5.0
