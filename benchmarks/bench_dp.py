@@ -10,7 +10,8 @@ also computes per-sample gradients, clips them and adds noise (Opacus DPOptimize
 C=1). Prints a table and writes JSON (default benchmarks/results/bench_dp.json).
 Modes: hooks (Opacus' default backward hooks), functorch (torch.func vmap per-sample
 grads), ew (PyTorch ExpandedWeights), ghost (Opacus fast gradient clipping: two backward
-passes, fast norms only for Linear/Embedding).
+passes, fast norms only for Linear/Embedding), bk (CareFL's book-keeping engine,
+carefl.dp_bk: one backward, exact clipping, Opacus' noise and accountant).
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from omegaconf import OmegaConf
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
+from carefl.dp_bk import BKPrivacyEngine
 from carefl.errors import ConfigError
 from carefl.models import build_model, spatial_multiple
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = ("hooks", "functorch", "ew", "ghost")
+MODES = ("hooks", "functorch", "ew", "ghost", "bk")
 
 
 def _task_for(model_cfg) -> tuple[str, dict]:
@@ -88,7 +90,7 @@ def _plain_step(model, criterion, x, y):
 def _dp_step(model, criterion, x, y, mode: str):
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     loader = DataLoader(TensorDataset(x, y), batch_size=len(x))
-    out = PrivacyEngine(accountant="rdp").make_private(
+    out = (BKPrivacyEngine if mode == "bk" else PrivacyEngine)(accountant="rdp").make_private(
         module=model, optimizer=opt, data_loader=loader, criterion=criterion,
         noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=True, grad_sample_mode=mode,
     )

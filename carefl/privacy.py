@@ -91,6 +91,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader
 
+from carefl.dp_bk import BKPrivacyEngine
 from carefl.errors import ConfigError
 
 # Opacus' per-sample-gradient hooks fire on module outputs when the input needs no grad (the
@@ -104,7 +105,8 @@ ACCOUNTANTS = ("prv", "rdp")
 #: Opacus per-sample gradient modes that train all our nets (privacy.grad_sample_mode).
 #: benchmarks/bench_dp.py: "ew" (ExpandedWeights) fails on PReLU, ConvTranspose and DenseNet's
 #: strided views; "ghost" needs a per-sample loss of shape (N,) and is slower for conv nets.
-GRAD_SAMPLE_MODES = ("hooks", "functorch")
+#: "bk" is CareFL's book-keeping engine (carefl.dp_bk): exact clipping, one backward.
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "bk")
 #: ``torch.rand`` (float32, CPU) draws ``j * 2**-24`` with j uniform in [0, 2**24): ``rand < t``
 #: holds with probability exactly t only for t on that grid, and with up to 2**-24 more otherwise.
 RAND_GRID = 2**24
@@ -269,7 +271,8 @@ def make_private(
     if not max_grad_norm > 0:
         raise ConfigError(f"privacy.max_grad_norm={max_grad_norm} must be > 0")
     try:
-        engine = PrivacyEngine(accountant=accountant, secure_mode=secure_mode)
+        engine = (BKPrivacyEngine if grad_sample_mode == "bk" else PrivacyEngine)(
+            accountant=accountant, secure_mode=secure_mode)
     except ImportError as e:
         raise ConfigError(
             "privacy.secure_mode=true needs the torchcsprng package; install it on the "
