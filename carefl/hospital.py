@@ -142,7 +142,10 @@ def planned_noise_multiplier(cfg, num_examples: int, delta: float, epochs: int, 
     if key not in known:
         known[key] = privacy.calibrate_noise(*args)
     if cap_key is not None and cap_key not in known:
-        known[cap_key] = sigma_for_cap(cap, float(delta), list(history or []), q, steps, str(cfg.privacy.accountant))
+        if not history and cap >= args[0]:  # a fresh budget at least the target's: the plan's sigma (no 2nd calibration)
+            known[cap_key] = known[key]
+        else:
+            known[cap_key] = sigma_for_cap(cap, float(delta), list(history), q, steps, str(cfg.privacy.accountant))
     if missing and path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(known))
