@@ -517,3 +517,19 @@ def test_the_summary_lists_what_hospitals_shared_about_their_data(tmp_path):
     })
     summary = report.finish("completed")
     assert "| a | 12 | 3 | 1 | 0: 90.0%, 1: 10.0% |" in summary and "| b |" not in summary.split("share-data-card")[1]
+
+
+def test_a_damaged_cache_entry_is_prepared_again_not_a_crash(tmp_path):
+    image, label = blobs((24, 24), 60)
+    entries = [{"image": nifti(tmp_path / f"i{i}.nii.gz", image), "label": nifti(tmp_path / f"l{i}.nii.gz", label)}
+               for i in range(3)]
+    cache = tmp_path / "cache"
+    hd = load_hospital(cfg_for("task.num_classes=3"), "h", 0, data_path=datalist(tmp_path, entries), cache_dir=cache)
+    before = hd.test[0]
+    for pt in cache.glob("*.pt"):
+        pt.write_bytes(b"torn")  # a disk error, an edit: not a torch file any more
+    after = hd.test[0]
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    for i in range(len(hd.train)):
+        hd.train[i]
+    assert all(torch.load(pt, weights_only=True) for pt in cache.glob("*.pt"))  # every entry whole again

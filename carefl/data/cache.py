@@ -74,6 +74,8 @@ class DiskCache(Dataset):
         self.cards: list[dict] = []
         self.problems: list[tuple[str, str]] = []
         self._entries: list[Path | dict] = []
+        self._records: list[dict] = []
+        self._prepare = prepare
         start = last = time.monotonic()
         done = 0
         for i, record in enumerate(records):
@@ -81,7 +83,7 @@ class DiskCache(Dataset):
             path = self.directory / f"{key}.pt" if self.directory is not None else None
             card_path = path.with_suffix(".json") if path is not None else None
             if path is not None and path.is_file() and card_path.is_file():
-                self._keep(record["name"], path, json.loads(card_path.read_text()))
+                self._keep(record, path, json.loads(card_path.read_text()))
                 continue
             try:
                 item, card = prepare(record)
@@ -90,11 +92,11 @@ class DiskCache(Dataset):
                 continue
             done += 1
             if path is None:
-                self._keep(record["name"], item, card)
+                self._keep(record, item, card)
             else:
                 atomic_save(item, path)
                 atomic_write_text(card_path, json.dumps(card))
-                self._keep(record["name"], path, card)
+                self._keep(record, path, card)
             now = time.monotonic()
             if now - last >= PROGRESS_EVERY_S:
                 rate = (now - start) / done
@@ -102,8 +104,9 @@ class DiskCache(Dataset):
                          len(records), rate * (len(records) - i - 1))
                 last = now
 
-    def _keep(self, name: str, entry: Path | dict, card: dict) -> None:
-        self.names.append(name)
+    def _keep(self, record: dict, entry: Path | dict, card: dict) -> None:
+        self.names.append(record["name"])
+        self._records.append(record)
         self._entries.append(entry)
         self.cards.append(card)
 
@@ -114,5 +117,12 @@ class DiskCache(Dataset):
         entry = self._entries[i]
         if isinstance(entry, dict):
             return dict(entry)
-        return torch.load(entry, weights_only=True)
+        try:
+            return torch.load(entry, weights_only=True)
+        except Exception as err:  # damaged on disk since it was written: prepare the record again
+            log.warning("cache entry %s of %s is unreadable (%s); preparing it again", entry.name, self.names[i],
+                        type(err).__name__)
+            item, _ = self._prepare(self._records[i])
+            atomic_save(item, entry)
+            return item
 
