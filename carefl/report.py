@@ -128,8 +128,9 @@ class Report:
         ``{"per_site": {h: {"federated", "personalized" (None without it), "deployed": the
         better of the two, "deployed_model", "trivial": a no-model rule's m (None if not
         reported), "local_only": h's own local-only model (simulation baselines only), "gain":
-        deployed - local_only}}, "worst_site", "worst", "best", "spread": best - worst of the
-        deployed models, "no_better_than_trivial": [h whose deployed m <= trivial m]}``.
+        deployed - local_only, "trivial_metric": dice | accuracy, "deployed_on_trivial_metric"}},
+        "worst_site", "worst", "best", "spread": best - worst of the deployed models,
+        "no_better_than_trivial": [h whose better model is not above the rule on that metric]}``.
         Computed from the final round's evaluations; empty when there are none. The better of
         federated and personalized is picked on the same test split it is scored on, so
         ``deployed`` and ``gain`` are optimistic by that selection (of two models).
@@ -143,9 +144,14 @@ class Report:
                 continue
             fed, personal = final[h][key], final[h].get(f"personal_{key}")
             deployed = max(fed, personal) if personal is not None else fed
+            # the no-model rule is scored on Dice (segmentation) or accuracy (classification: a
+            # constant answer has no AUC to compare), the deployed model on the same metric
+            rule = "dice" if key == "dice" else "accuracy"
+            own = [final[h].get(rule), final[h].get(f"personal_{rule}")]
             entry = {"federated": fed, "personalized": personal, "deployed": deployed,
                      "deployed_model": "personalized" if personal is not None and personal > fed else "federated",
-                     "trivial": final[h].get(f"trivial_{key}")}
+                     "trivial_metric": rule, "trivial": final[h].get(f"trivial_{rule}"),
+                     "deployed_on_trivial_metric": max((v for v in own if v is not None), default=None)}
             if h in local.get(h, {}):
                 entry["local_only"] = local[h][h][key]
                 entry["gain"] = deployed - entry["local_only"]
@@ -156,8 +162,9 @@ class Report:
         best = max(per_site[h]["deployed"] for h in per_site)
         return {"per_site": per_site, "worst_site": worst, "worst": per_site[worst]["deployed"], "best": best,
                 "spread": best - per_site[worst]["deployed"],
-                "no_better_than_trivial": [h for h, e in per_site.items()
-                                           if e["trivial"] is not None and e["deployed"] <= e["trivial"]]}
+                "no_better_than_trivial": [h for h, e in per_site.items() if e["trivial"] is not None
+                                           and e["deployed_on_trivial_metric"] is not None
+                                           and e["deployed_on_trivial_metric"] <= e["trivial"]]}
 
     def summary(self) -> str:
         """Markdown table: the final federated model vs pooled and local-only baselines, per
@@ -200,13 +207,14 @@ class Report:
                       "and personalized, on its own test split):", ""]
             lines += [f"- {h}: {e['deployed']:.3f} ({e['deployed_model']})"
                       + (f", local-only {e['local_only']:.3f}, gain {e['gain']:+.3f}" if "gain" in e else "")
-                      + (f", no-model rule {e['trivial']:.3f}" if e["trivial"] is not None else "")
+                      + (f", no-model rule {e['trivial']:.3f} ({e['trivial_metric']})" if e["trivial"] is not None else "")
                       for h, e in per_site.items()]
             lines.append(f"- worst site: {sites['worst_site']} {sites['worst']:.3f}; spread best - worst "
                          f"{sites['spread']:.3f}")
             for h in sites["no_better_than_trivial"]:
-                lines.append(f"- WARNING: {h}'s deployed model ({per_site[h]['deployed']:.3f}) is no better than a "
-                             f"rule without a model ({per_site[h]['trivial']:.3f}: "
+                e = per_site[h]
+                lines.append(f"- WARNING: {h}'s deployed model ({e['trivial_metric']} {e['deployed_on_trivial_metric']:.3f})"
+                             f" is no better than a rule without a model ({e['trivial']:.3f}: "
                              + ("every voxel foreground" if key == "dice" else "the most frequent class")
                              + "); train longer, or check its data")
         per_class = [m for m in self.metric_names if m.startswith("dice_")]

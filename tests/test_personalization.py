@@ -126,7 +126,7 @@ def test_what_joining_bought_each_site_by_hand(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "| personalized (final, own site) | 0.800 | 0.550 | - |" in summary
     assert "- a: 0.800 (personalized), local-only 0.750, gain +0.050" in summary
-    assert "WARNING: b's deployed model (0.600) is no better than a rule without a model (0.650" in summary
+    assert "WARNING: b's deployed model (dice 0.600) is no better than a rule without a model (0.650" in summary
     assert (tmp_path / "plots" / "gain_from_joining.png").is_file()
 
 
@@ -168,3 +168,14 @@ def test_fedbn_keeps_each_hospitals_normalisation_at_home(tmp_path):
     assert handle(TRAIN, text2, reply.state, node(tmp_path)).status == "ok"  # trains on from its own norms
     again = torch.load(tmp_path / "state" / PERSONAL_DIR / f"{RUN}.norm.pt", weights_only=True)
     assert any(not torch.equal(again[k], local[k]) for k in norms)
+
+
+def test_a_classifier_no_better_than_the_majority_class_is_flagged_on_accuracy(tmp_path):
+    report = Report(tmp_path, compose_config(["task=cls2d", "model=classifier", "federation.hospitals=[a,b]"]))
+    report.add_evaluation(1, {"a": {"auc": 0.9, "accuracy": 0.62, "trivial_accuracy": 0.70, "num_examples": 10.0},
+                              "b": {"auc": 0.8, "accuracy": 0.85, "trivial_accuracy": 0.55, "num_examples": 10.0}})
+    report.finish("completed")
+    sites = json.loads((tmp_path / "metrics.json").read_text())["sites"]
+    assert sites["no_better_than_trivial"] == ["a"]  # a good AUC, but an accuracy below always answering its majority
+    assert "WARNING: a's deployed model (accuracy 0.620) is no better than a rule without a model (0.700: the most " \
+           "frequent class)" in (tmp_path / "summary.md").read_text()
