@@ -130,7 +130,8 @@ class Report:
         reported), "local_only": h's own local-only model (simulation baselines only), "gain":
         deployed - local_only, "trivial_metric": dice | accuracy, "deployed_on_trivial_metric"}},
         "worst_site", "worst", "best", "spread": best - worst of the deployed models,
-        "no_better_than_trivial": [h whose better model is not above the rule on that metric]}``.
+        "no_better_than_trivial": [h whose better model is not above the rule on that metric],
+        "degenerate_baselines": [h whose own local-only model is not above it either]}``.
         Computed from the final round's evaluations; empty when there are none. The better of
         federated and personalized is picked on the same test split it is scored on, so
         ``deployed`` and ``gain`` are optimistic by that selection (of two models).
@@ -155,6 +156,7 @@ class Report:
             if h in local.get(h, {}):
                 entry["local_only"] = local[h][h][key]
                 entry["gain"] = deployed - entry["local_only"]
+                entry["local_only_on_trivial_metric"] = local[h][h].get(rule)
             per_site[h] = entry
         if not per_site:
             return {}
@@ -164,7 +166,10 @@ class Report:
                 "spread": best - per_site[worst]["deployed"],
                 "no_better_than_trivial": [h for h, e in per_site.items() if e["trivial"] is not None
                                            and e["deployed_on_trivial_metric"] is not None
-                                           and e["deployed_on_trivial_metric"] <= e["trivial"]]}
+                                           and e["deployed_on_trivial_metric"] <= e["trivial"]],
+                "degenerate_baselines": [h for h, e in per_site.items() if e["trivial"] is not None
+                                         and e.get("local_only_on_trivial_metric") is not None
+                                         and e["local_only_on_trivial_metric"] <= e["trivial"]]}
 
     def summary(self) -> str:
         """Markdown table: the final federated model vs pooled and local-only baselines, per
@@ -217,6 +222,11 @@ class Report:
                              f" is no better than a rule without a model ({e['trivial']:.3f}: "
                              + ("every voxel foreground" if key == "dice" else "the most frequent class")
                              + "); train longer, or check its data")
+            for h in sites["degenerate_baselines"]:
+                e = per_site[h]
+                lines.append(f"- WARNING: {h}'s local-only baseline ({e['trivial_metric']} "
+                             f"{e['local_only_on_trivial_metric']:.3f}) is no better than the rule without a model "
+                             f"({e['trivial']:.3f}): its gain above is measured against a degenerate baseline")
         per_class = [m for m in self.metric_names if m.startswith("dice_")]
         if per_class and final:  # K-class segmentation: each foreground class of the final model
             lines += ["", "per-class Dice of the final federated model", "",

@@ -115,7 +115,7 @@ def test_what_joining_bought_each_site_by_hand(tmp_path):
         "c": {"dice": 0.90, "trivial_dice": 0.20, "num_examples": 4.0},
     })
     report.add_baselines({"local_only": {"a": {"a": {"dice": 0.75}}, "b": {"b": {"dice": 0.50}},
-                                         "c": {"c": {"dice": 0.95}}}, "pooled": {}})
+                                         "c": {"c": {"dice": 0.95}}}, "pooled": {}})  # b's 0.50 <= its rule's 0.65
     report.finish("completed")
     sites = json.loads((tmp_path / "metrics.json").read_text())["sites"]
     per = sites["per_site"]
@@ -123,10 +123,12 @@ def test_what_joining_bought_each_site_by_hand(tmp_path):
     assert [round(per[h]["gain"], 6) for h in "abc"] == [0.05, 0.10, -0.05]  # 0.80-0.75, 0.60-0.50, 0.90-0.95
     assert sites["worst_site"] == "b" and sites["worst"] == 0.60 and sites["spread"] == pytest.approx(0.30)
     assert sites["no_better_than_trivial"] == ["b"]  # 0.60 <= 0.65
+    assert sites["degenerate_baselines"] == ["b"]  # and its local-only baseline too: 0.50 <= 0.65
     summary = (tmp_path / "summary.md").read_text()
     assert "| personalized (final, own site) | 0.800 | 0.550 | - |" in summary
     assert "- a: 0.800 (personalized), local-only 0.750, gain +0.050" in summary
     assert "WARNING: b's deployed model (dice 0.600) is no better than a rule without a model (0.650" in summary
+    assert "WARNING: b's local-only baseline (dice 0.500) is no better than the rule without a model" in summary
     assert (tmp_path / "plots" / "gain_from_joining.png").is_file()
 
 
