@@ -533,3 +533,38 @@ def test_a_damaged_cache_entry_is_prepared_again_not_a_crash(tmp_path):
     for i in range(len(hd.train)):
         hd.train[i]
     assert all(torch.load(pt, weights_only=True) for pt in cache.glob("*.pt"))  # every entry whole again
+
+
+def write_multiframe(path: Path, volume: np.ndarray) -> str:
+    """One multi-frame DICOM file (``volume`` int16 ``(frames, rows, cols)``), written with pydicom."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "CT", "anon"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.NumberOfFrames = volume.shape[0]
+    ds.Rows, ds.Columns = volume.shape[1:]
+    ds.PixelSpacing, ds.SliceThickness, ds.SpacingBetweenSlices = [0.7, 0.7], 2.5, 2.5
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, 0.0], [1, 0, 0, 0, 1, 0]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+    ds.PixelData = volume.astype("<i2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path.name
+
+
+def test_a_multiframe_dicom_without_per_frame_geometry_is_refused_not_misplaced(tmp_path):
+    """MONAI reads such a file with 1 mm between frames whatever its header says (2.5 here):
+    CareFL refuses it with the fix instead of training on a wrong grid."""
+    image, label = blobs((6, 20, 16), 70)
+    name = write_multiframe(tmp_path / "mf.dcm", image * 2 - 100)
+    read = LoadImage(image_only=True)(str(tmp_path / name))
+    assert 1.0 in np.linalg.norm(np.asarray(read.affine)[:3, :3], axis=0).round(3)  # the reader's wrong spacing
+    mask = nifti(tmp_path / "m.nii.gz", np.zeros(tuple(read.shape), np.uint8), np.asarray(read.affine))
+    entries = [{"image": name, "label": mask}] * 2
+    with pytest.raises(DataError, match="mf.dcm is a multi-frame DICOM without per-frame geometry.*dcm2niix"):
+        load_hospital(cfg_for("task=seg3d", "data.spatial_size=[8,8,8]"), "h", 0, data_path=datalist(tmp_path, entries))

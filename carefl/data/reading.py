@@ -6,13 +6,15 @@
     item["label"]  # MetaTensor float32 (1, *spatial): {0, 1} for num_classes=1, else class indices
 
 Files go through MONAI ``LoadImage`` (``ensure_channel_first``), which picks the reader by file:
-NIfTI -> nibabel, PNG/JPEG -> pillow, a DICOM file (single or multi-frame) or a DICOM series
-folder -> pydicom (``PydicomReader``: affine from ImagePositionPatient/ImageOrientationPatient/
+NIfTI -> nibabel, PNG/JPEG -> pillow, a DICOM file or a DICOM series folder -> pydicom (``PydicomReader``: affine from ImagePositionPatient/ImageOrientationPatient/
 PixelSpacing, converted to RAS like the NIfTI one). A list of image files is stacked as channels
 (e.g. four MRI sequences).
 
 Checked here, each failure one :class:`~carefl.errors.DataError` naming the file and the fix:
 
+- a multi-frame DICOM file without per-frame geometry is refused (MONAI would read it on a
+  wrong grid, see :func:`_multiframe_without_geometry`); Enhanced multi-frame files with
+  functional groups are passed to the reader, untested here;
 - every channel file and the label share one geometry: spatial shape equal and affines equal
   within 1e-3 mm + 1e-4 relative (so a mask transposed or flipped relative to its image, or
   drawn on another grid, is refused rather than trained on);
@@ -50,9 +52,28 @@ _READERS = ("no reader could open it (NIfTI is read by nibabel, PNG/JPEG by pill
             "series folder by pydicom; all three are installed with CareFL); check that the file is complete")
 
 
+def _multiframe_without_geometry(file: str) -> bool:
+    """Whether ``file`` is a multi-frame DICOM without per-frame geometry (no Enhanced
+    functional groups). MONAI's PydicomReader then cannot place its frames: measured here, a
+    6-frame file with SpacingBetweenSlices 2.5 read back with 1.0 mm between frames and its
+    axes reordered, so such a file would be trained on a wrong grid without any error."""
+    if os.path.isdir(file) or file.lower().endswith((".nii", ".nii.gz", ".png", ".jpg", ".jpeg", ".bmp")):
+        return False
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(file, stop_before_pixels=True)
+    except Exception:  # not DICOM: the reader reports it
+        return False
+    return int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 and "PerFrameFunctionalGroupsSequence" not in ds
+
+
 def _read(loader: LoadImage, name: str, role: str, file: str, dims: int) -> MetaTensor:
     if not os.path.exists(file):
         raise DataError(f"entry {name} {role} {file} does not exist; fix the path in the datalist")
+    if _multiframe_without_geometry(file):
+        raise DataError(f"entry {name} {role} {file} is a multi-frame DICOM without per-frame geometry, so its slice "
+                        "spacing and order cannot be read; export the study as a DICOM series or NIfTI (e.g. dcm2niix)")
     try:
         img = loader(file)
     except Exception as e:  # MONAI wraps every reader's failure in its own types
