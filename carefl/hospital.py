@@ -250,7 +250,7 @@ def _train_locked(request: Request, policy: SitePolicy, global_state, key: Signi
     state = plain_state_dict(trained)
     if _fedbn(cfg):  # its normalisation stays here; the received global values go back in their place
         norms = norm_keys(model)
-        path = _personal_path(policy, request).with_suffix(".norm.pt")
+        path = _norm_path(policy, request)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save({k: state[k] for k in norms}, path)
         state.update({k: global_state[k].detach().clone() for k in norms})
@@ -272,7 +272,7 @@ def norm_keys(model: torch.nn.Module) -> list[str]:
 def _with_local_norms(cfg, policy: SitePolicy, request: Request, global_state) -> dict:
     """``global_state`` with this hospital's own normalisation parameters over it (fedbn, once it
     has trained in this run); otherwise ``global_state`` itself."""
-    path = _personal_path(policy, request).with_suffix(".norm.pt")
+    path = _norm_path(policy, request)
     if not _fedbn(cfg) or not path.exists():
         return global_state
     return {**global_state, **torch.load(path, weights_only=True)}
@@ -348,6 +348,11 @@ PERSONAL_SUFFIX = ".personal"
 
 def _personal_path(policy: SitePolicy, request: Request) -> Path:
     return policy.state_dir / PERSONAL_DIR / f"{request.run_id}.pt"
+
+
+def _norm_path(policy: SitePolicy, request: Request) -> Path:
+    """Where fedbn keeps this hospital's own normalisation parameters of the run."""
+    return policy.state_dir / PERSONAL_DIR / f"{request.run_id}.norm.pt"
 
 
 def personalize(request: Request, policy: SitePolicy, global_state, train_set: Dataset) -> dict | None:

@@ -57,16 +57,16 @@ def load_verified_model(run_dir: Path, personal_state_dir: Path | None):
     if cfg.data.name != "decathlon":
         raise ConfigError(f"this run trained on data={cfg.data.name}; carefl-predict runs models trained on "
                           "files (data=decathlon), whose preprocessing it can repeat")
-    try:
-        result = verify_run(run_dir)
+    try:  # the global model is checked against the ledger; a personal one needs only the run's id
+        result = verify_run(run_dir) if personal_state_dir is None else None
+        run = run_id(run_dir) if personal_state_dir is not None else None
     except LedgerError as err:
         raise ConfigError(f"{run_dir}: {err}") from None
-    if personal_state_dir is None:
+    if result is not None:
         if not result.ok:
             raise ConfigError(f"{run_dir}: the model does not verify against the run's ledger: {result.reason}")
         state = torch.load(run_dir / "model_final.pt", map_location="cpu", weights_only=True)
     else:
-        run = run_id(run_dir)
         path = personal_state_dir / PERSONAL_DIR / f"{run}.pt"
         if not path.is_file():
             raise ConfigError(f"no personal model of run {run[:12]} in {personal_state_dir}/{PERSONAL_DIR}; "

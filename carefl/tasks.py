@@ -189,6 +189,8 @@ def _sensitivity_specificity(pred: torch.Tensor, labels: torch.Tensor, k: int, p
 
 def _onehots(task, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(prediction, mask) one-hot ``(N, F, *spatial)`` over the foreground classes only."""
+    if len(labels) == 0:
+        raise DataError("the test split has no images: nothing to evaluate; give the hospital a test split")
     k = int(task.num_classes)
     if k == 1:
         return (torch.sigmoid(logits) > 0.5).float(), labels.float()
@@ -199,13 +201,14 @@ def _onehots(task, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 @torch.no_grad()
 def segmentation_scores(task, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per image and foreground class, float64 ``(N, F)``: ``dice`` (:func:`dice_per_image`),
+    """Per image and foreground class, float64 ``(N, F)``: ``dice`` (as :func:`dice_per_image`),
     ``hd95`` and ``surface_dice`` (MONAI; the empty-class rules of the module docstring)."""
     import warnings
 
     from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 
     pred, mask = _onehots(task, logits, labels)
+    dice = _dice(pred, mask)
     with warnings.catch_warnings():  # MONAI warns for every empty class; the rules below handle them
         warnings.simplefilter("ignore")
         hd = compute_hausdorff_distance(pred, mask, include_background=True, percentile=95).double()
@@ -216,7 +219,7 @@ def segmentation_scores(task, logits: torch.Tensor, labels: torch.Tensor) -> dic
     both_empty, one_empty = ~has_pred & ~has_mask, has_pred ^ has_mask
     hd = torch.where(both_empty, 0.0, torch.where(one_empty, diagonal, torch.nan_to_num(hd, nan=diagonal)))
     sd = torch.where(both_empty, 1.0, torch.where(one_empty, 0.0, torch.nan_to_num(sd, nan=0.0)))
-    return {"dice": dice_per_image(task, logits, labels), "hd95": hd.clamp(max=diagonal), "surface_dice": sd}
+    return {"dice": dice, "hd95": hd.clamp(max=diagonal), "surface_dice": sd}
 
 
 def segmentation_summary(task, scores: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -239,9 +242,11 @@ def dice_per_image(task, logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     Column c-1 is foreground class c (K = 1: the one foreground). MONAI ``DiceMetric`` with
     ``ignore_empty=False``: a class absent from both mask and prediction scores 1.
     """
-    if len(labels) == 0:
-        raise DataError("the test split has no images: nothing to evaluate; give the hospital a test split")
-    pred, mask = _onehots(task, logits, labels)
+    return _dice(*_onehots(task, logits, labels))
+
+
+def _dice(pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """MONAI Dice per image and class of one-hot ``pred`` and ``mask`` (empty in both: 1)."""
     return DiceMetric(include_background=True, reduction="none", ignore_empty=False)(y_pred=pred, y=mask).double()
 
 

@@ -27,6 +27,10 @@ from carefl.config import CONF_DIR, compose_config, validate
 from carefl.errors import CareFLError
 
 
+def _no_run_simulation_notice(record: logging.LogRecord) -> bool:
+    return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
 def simulate(cfg: DictConfig, overrides: list[str] = (), cpus_per_hospital: float = 1.0) -> str:
     """Run the federation described by ``cfg`` on Flower's simulation engine (Ray).
 
@@ -46,7 +50,7 @@ def simulate(cfg: DictConfig, overrides: list[str] = (), cpus_per_hospital: floa
     # that `flwr run` is preferred says nothing to a CareFL user. Ray's tip about visible GPUs
     # with num_gpus=0 is answered by adopting its coming default now (simulated hospitals train
     # on the CPU either way: CareFL never moves a model to CUDA by itself).
-    logging.getLogger("flwr").addFilter(lambda r: "`run_simulation` function is deprecated" not in r.getMessage())
+    logging.getLogger("flwr").addFilter(_no_run_simulation_notice)  # once, however many jobs a sweep runs
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     server = ServerApp()
     ended: dict[str, Path] = {}  # run_simulation runs the ServerApp in this process

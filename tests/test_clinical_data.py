@@ -67,27 +67,35 @@ def blobs(shape: tuple[int, ...], seed: int) -> tuple[np.ndarray, np.ndarray]:
     return image, label
 
 
+def ct_dataset(rows_cols: tuple[int, int], pixels: np.ndarray, uids: tuple[str, str, str], **geometry) -> Dataset:
+    """A CT DICOM dataset holding ``pixels`` (int16) with the given study/series/frame UIDs and
+    geometry attributes (PixelSpacing, ImagePositionPatient, ...)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "CT", "anon"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = uids
+    ds.Rows, ds.Columns = rows_cols
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+    for name, value in geometry.items():
+        setattr(ds, name, value)
+    ds.PixelData = pixels.astype("<i2").tobytes()
+    return ds
+
+
 def write_series(folder: Path, volume: np.ndarray, spacing=(0.8, 0.8), thickness=2.0) -> str:
     """A CT series, one DICOM file per slice (``volume`` int16 ``(slices, rows, cols)``)."""
     folder.mkdir(parents=True)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    uids = (generate_uid(), generate_uid(), generate_uid())
     for k, plane in enumerate(volume):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.PatientID = "CT", "anon"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.InstanceNumber = k + 1
-        ds.Rows, ds.Columns = plane.shape
-        ds.PixelSpacing, ds.SliceThickness = list(spacing), thickness
-        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, k * thickness], [1, 0, 0, 0, 1, 0]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-        ds.PixelData = plane.astype("<i2").tobytes()
+        ds = ct_dataset(plane.shape, plane, uids, InstanceNumber=k + 1, PixelSpacing=list(spacing),
+                        SliceThickness=thickness, ImagePositionPatient=[0.0, 0.0, k * thickness])
         ds.save_as(folder / f"{k:03d}.dcm", enforce_file_format=True)
     return folder.name
 
@@ -537,22 +545,9 @@ def test_a_damaged_cache_entry_is_prepared_again_not_a_crash(tmp_path):
 
 def write_multiframe(path: Path, volume: np.ndarray) -> str:
     """One multi-frame DICOM file (``volume`` int16 ``(frames, rows, cols)``), written with pydicom."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID = "CT", "anon"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid(), generate_uid()
-    ds.NumberOfFrames = volume.shape[0]
-    ds.Rows, ds.Columns = volume.shape[1:]
-    ds.PixelSpacing, ds.SliceThickness, ds.SpacingBetweenSlices = [0.7, 0.7], 2.5, 2.5
-    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, 0.0], [1, 0, 0, 0, 1, 0]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-    ds.PixelData = volume.astype("<i2").tobytes()
+    ds = ct_dataset(volume.shape[1:], volume, (generate_uid(), generate_uid(), generate_uid()),
+                    NumberOfFrames=volume.shape[0], PixelSpacing=[0.7, 0.7], SliceThickness=2.5,
+                    SpacingBetweenSlices=2.5, ImagePositionPatient=[0.0, 0.0, 0.0])
     ds.save_as(path, enforce_file_format=True)
     return path.name
 

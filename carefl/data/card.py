@@ -22,6 +22,10 @@ from collections import Counter
 MAX_PROBLEMS = 10
 
 
+#: :func:`reader_of` a single DICOM file
+DICOM_FILE = "pydicom (DICOM file)"
+
+
 def reader_of(path: str) -> str:
     """The MONAI reader that opens ``path``, by what it is (as ``LoadImage`` picks it)."""
     lower = path.lower()
@@ -31,7 +35,7 @@ def reader_of(path: str) -> str:
         return "nibabel (NIfTI)"
     if lower.endswith((".png", ".jpg", ".jpeg", ".bmp")):
         return "pillow (2D image)"
-    return "pydicom (DICOM file)"
+    return DICOM_FILE
 
 
 def data_card(prepared, task, records: dict[str, list[dict]]) -> dict:

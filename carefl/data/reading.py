@@ -39,6 +39,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import LoadImage
 
+from carefl.data.card import DICOM_FILE, reader_of
 from carefl.errors import DataError
 
 # MONAI logs that an optional GPU DICOM decoder is missing on every DICOM-capable read; it says
@@ -57,7 +58,7 @@ def _multiframe_without_geometry(file: str) -> bool:
     functional groups). MONAI's PydicomReader then cannot place its frames: measured here, a
     6-frame file with SpacingBetweenSlices 2.5 read back with 1.0 mm between frames and its
     axes reordered, so such a file would be trained on a wrong grid without any error."""
-    if os.path.isdir(file) or file.lower().endswith((".nii", ".nii.gz", ".png", ".jpg", ".jpeg", ".bmp")):
+    if reader_of(file) != DICOM_FILE:
         return False
     import pydicom
 
