@@ -383,6 +383,34 @@ def _check_data(cfg: DictConfig, side: tuple[int, int]) -> None:
             )
 
 
+def _check_secagg(cfg: DictConfig, n: int) -> int:
+    """``strategy.secagg`` (conf/secagg/); returns the rows the robust rule sees a round: the
+    number of secure buckets, or ``n`` without secure aggregation."""
+    from carefl.secagg.coordinator import buckets_needed
+    from carefl.secagg.quantize import max_bucket
+
+    if "secagg" not in cfg.strategy:
+        raise ConfigError("strategy.secagg is missing; compose the config from conf/ (secagg=off or secagg=on)")
+    enabled = _flag(cfg, "strategy.secagg.enabled")
+    size = _get(cfg, "strategy.secagg.bucket_size")
+    if size is not None:
+        _integer(cfg, "strategy.secagg.bucket_size", 1, n, min(3, n))
+    _number(cfg, "strategy.secagg.clip", 0, 1e6, 10.0)
+    bits = _integer(cfg, "strategy.secagg.bits", 8, 24, 22)
+    if not enabled:
+        return n
+    largest = n if size is None else min(n, 2 * size - 1)
+    _require(largest <= max_bucket(bits),
+             f"strategy.secagg.bits={bits} lets a bucket hold at most {max_bucket(bits)} hospitals (the 32-bit sum must "
+             f"not wrap) but one may hold {largest}; lower strategy.secagg.bits or set strategy.secagg.bucket_size")
+    attack = str(cfg.attack.get("name", "none"))
+    _require(attack in ("none", "labelflip"),
+             f"attack={attack} replaces updates on the server, which under secure aggregation never sees one; "
+             "simulate it without secagg (bucketing, strategy.pre=[{name: bucketing, s: ...}], is the same rule "
+             "over bucket means) or use attack=labelflip, which acts on a hospital's data")
+    return buckets_needed(n, size)
+
+
 def validate(cfg: DictConfig) -> None:
     """Check every value a run reads before anything is written; each failure is one line
     naming the key, the bad value and the fix.
@@ -407,7 +435,7 @@ def validate(cfg: DictConfig) -> None:
         _integer(cfg, "personalization.epochs", 1, 1000, 2)
     from carefl.robust import check_assumptions  # local: robust imports torch-heavy code
 
-    check_assumptions(cfg.strategy, n)
+    check_assumptions(cfg.strategy, _check_secagg(cfg, n))
     from carefl.attacks import byzantine_indices
 
     byzantine_indices(cfg.attack, n)

@@ -108,7 +108,9 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "noise_multiplier": Field("float", 1e-6, 1e6, nullable=True), "max_grad_norm": Field("float", 1e-12, 1e12),
         "accountant": Field("name"), "secure_mode": Field("bool"), "grad_sample_mode": Field("name"),
     },
-    "strategy": {"prox_mu": Field("float", 0.0, 1e6)},
+    "strategy": {"prox_mu": Field("float", 0.0, 1e6),
+                 # what a hospital needs of secure aggregation (the buckets are the server's)
+                 "secagg": {"enabled": Field("bool"), "clip": Field("float", 1e-12, 1e6), "bits": Field("int", 8, 24)}},
     "personalization": {"name": Field("name"), "epochs": Field("int", 0, 10**4)},
 }
 
@@ -191,9 +193,13 @@ def build_request(cfg, server_round: int, run_id: str, ledger_head: dict | None,
     """
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     config = {"seed": plain["seed"]}
+    def allowed(values: dict, schema: dict) -> dict:  # the schema's keys only, nested sections too
+        return {k: allowed(values[k], schema[k]) if isinstance(schema[k], dict) else values[k]
+                for k in schema if k in values}
+
     for section, schema in CONFIG_SCHEMA.items():
         if isinstance(schema, dict):
-            config[section] = {k: plain[section][k] for k in schema if k in plain[section]}
+            config[section] = allowed(plain[section], schema)
     if "preprocess" in config["data"]:  # the digest of the preset file the server planned with
         from carefl.data.presets import load_preset
 

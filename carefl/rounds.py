@@ -112,6 +112,8 @@ def _saved_config(run_dir: Path, given: str) -> DictConfig:
             raise ConfigError(f"it lacks {missing}, so it is not a CareFL run's config")
         if "personalization" not in cfg:  # a run from before personalization existed
             cfg.personalization = {"name": "none", "epochs": 0}
+        if "secagg" not in cfg.strategy:  # ... or before secure aggregation
+            cfg.strategy.secagg = {"enabled": False, "bucket_size": None, "clip": 10.0, "bits": 22}
         validate(cfg)
     except ConfigError as err:
         raise ConfigError(f"resume={given}: {saved}: {err}; {fix}") from None

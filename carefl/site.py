@@ -36,6 +36,10 @@ key                    meaning (default)
 ``max-bad-files``      datalist records that may fail to load (unreadable, mismatched
                        geometry, bad label values) and be skipped with a warning; more
                        make it refuse the round (0)
+``require-secagg``     ``true``: it sends an update only under secure aggregation; a
+                       request with ``strategy.secagg.enabled=false`` is refused (``false``)
+``secagg-min-bucket``  the fewest hospitals (itself included) whose sum the server may
+                       learn instead of its update: it refuses a smaller bucket (3)
 ``site-policy``        a YAML file holding any of the keys above
 =====================  ======================================================================
 
@@ -64,14 +68,14 @@ from carefl.request import NAME, Request
 #: keys Flower's simulation engine sets itself
 SIMULATION_KEYS = ("partition-id", "num-partitions")
 DEFAULTS = {"require-dp": True, "max-local-epochs": 10, "max-batch-size": 1024, "max-rounds": 1000, "max-bad-files": 0,
-            "share-data-card": False}
+            "share-data-card": False, "require-secagg": False, "secagg-min-bucket": 3}
 #: the default cache-dir under the state dir
 CACHE_DIR = "data-cache"
 #: node-config keys a SuperNode may set
 NODE_KEYS = (
     "hospital", "data-path", "state-dir", "require-dp", "epsilon-cap", "delta", "max-local-epochs",
     "max-batch-size", "max-rounds", "allowed-models", "allowed-tasks", "torch-threads", "key-file", "cache-dir",
-    "max-bad-files", "share-data-card", "site-policy",
+    "max-bad-files", "share-data-card", "require-secagg", "secagg-min-bucket", "site-policy",
 )
 #: what a real SuperNode must set itself (no default, never from the server)
 REQUIRED = ("hospital", "data-path", "state-dir", "epsilon-cap", "delta")
@@ -107,6 +111,8 @@ class SitePolicy:
     cache_dir: Path
     max_bad_files: int
     share_data_card: bool
+    require_secagg: bool
+    secagg_min_bucket: int
 
 
 def _policy_file(path: str) -> dict[str, Any]:
@@ -235,6 +241,9 @@ def read_policy(node_config: Mapping[str, Any], request: Request) -> SitePolicy:
     max_bad = _number(values, "max-bad-files", integer=True)
     if max_bad < 0:
         raise ConfigError(f"max-bad-files={max_bad} in {values['max-bad-files'][1]} must be >= 0")
+    min_bucket = _number(values, "secagg-min-bucket", integer=True)
+    if min_bucket < 1:
+        raise ConfigError(f"secagg-min-bucket={min_bucket} in {values['secagg-min-bucket'][1]} must be >= 1")
     threads = _number(values, "torch-threads", integer=True) if "torch-threads" in values else None
     if threads is not None and not 1 <= threads <= 1024:
         raise ConfigError(f"torch-threads={threads} in {values['torch-threads'][1]} must be in 1..1024")
@@ -248,6 +257,7 @@ def read_policy(node_config: Mapping[str, Any], request: Request) -> SitePolicy:
         max_rounds=limits["max-rounds"], allowed_models=_names(values, "allowed-models"),
         allowed_tasks=_names(values, "allowed-tasks"), torch_threads=threads, key_file=key_file,
         cache_dir=cache_dir, max_bad_files=max_bad, share_data_card=_flag(values, "share-data-card"),
+        require_secagg=_flag(values, "require-secagg"), secagg_min_bucket=min_bucket,
     )
 
 
@@ -271,6 +281,9 @@ def admit(policy: SitePolicy, request: Request) -> None:
     if policy.require_dp and not privacy.enabled:
         raise ConfigError("this hospital's policy requires DP-SGD (require-dp=true) but the request has "
                           "privacy.enabled=false; run with privacy=dp")
+    if policy.require_secagg and not cfg.strategy.secagg.enabled:
+        raise ConfigError("this hospital's policy sends updates only under secure aggregation (require-secagg=true) "
+                          "but the request has strategy.secagg.enabled=false; run with strategy/secagg=on")
     checks = (
         (fed.local_epochs <= policy.max_local_epochs, f"federation.local_epochs={fed.local_epochs} exceeds max-local-epochs={policy.max_local_epochs}"),
         (cfg.personalization.epochs <= policy.max_local_epochs,
