@@ -435,7 +435,9 @@ def validate(cfg: DictConfig) -> None:
         _integer(cfg, "personalization.epochs", 1, 1000, 2)
     from carefl.robust import check_assumptions  # local: robust imports torch-heavy code
 
-    check_assumptions(cfg.strategy, _check_secagg(cfg, n))
+    rows = _check_secagg(cfg, n)
+    check_assumptions(cfg.strategy, rows, "hospitals" if rows == n and not cfg.strategy.secagg.enabled else
+                      f"secure buckets of strategy.secagg.bucket_size={cfg.strategy.secagg.bucket_size} among {n} hospitals")
     from carefl.attacks import byzantine_indices
 
     byzantine_indices(cfg.attack, n)

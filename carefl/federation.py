@@ -47,6 +47,18 @@ class RoundSummary:
     train_loss: dict[str, float]
 
 
+@dataclass
+class SecureBucket:
+    """One bucket of a securely aggregated round: its ``members``, the ``survivors`` whose
+    masked inputs the sum holds, and ``mean`` (float32 (d,), the survivors' mean update) or
+    None with ``reason`` (the bucket failed: too few left, bad shares, a sum out of range)."""
+
+    members: list[str]
+    survivors: list[str]
+    mean: torch.Tensor | None
+    reason: str
+
+
 def _not_aggregated(reply: TrainReply, reason: str) -> dict:
     """Ledger record of a hospital whose update did not enter the aggregate."""
     return {"accepted": False, "reason": reason, "epsilon": reply.metrics.get("epsilon"),
@@ -91,6 +103,11 @@ class Federation:
         self.run_id = self.ledger.first
 
     @property
+    def update_dim(self) -> int:
+        """d: the float elements of the model, the length of one update row."""
+        return sum(self.global_state[k].numel() for k in robust.float_keys(self.global_state))
+
+    @property
     def global_state(self) -> dict[str, torch.Tensor]:
         """The global model's state dict; :attr:`model_hash` is its ``hash_state_dict``,
         computed once per new model (the ledger, the round's receipts and checks read it)."""
@@ -102,62 +119,105 @@ class Federation:
         self.model_hash = hash_state_dict(state)
 
     # ---- rounds -------------------------------------------------------------------------
-    def aggregate(self, server_round: int, replies: list[TrainReply]) -> RoundSummary:
-        """Aggregate one round's training replies into a new global model."""
-        fed = self.cfg.federation
-        hospitals = list(fed.hospitals)
-        rejected = {r.hospital: r.reason or r.status for r in replies if r.status != "ok"}
+    def _rows(self, replies: list[TrainReply], rejected: dict[str, str], buckets: list[SecureBucket] | None):
+        """The rows the rule aggregates: ``(rows (m, d) float32, row names, members of each row)``.
+
+        In the clear a row is one hospital's update (after the simulated attack); under secure
+        aggregation a row is one bucket's mean, its members the bucket's survivors, and the
+        members of a failed bucket (and its dropouts) join ``rejected``."""
         accepted = [r for r in replies if r.status == "ok"]
-        updates = robust.flatten_updates([r.state for r in accepted], self.global_state)
-        if self.byzantine and accepted:
-            rows = [i for i, r in enumerate(accepted) if r.hospital in hospitals and hospitals.index(r.hospital) in self.byzantine]
-            updates = attacks.apply_update_attack(self.cfg.attack, updates, rows, self.generator)
+        if buckets is None:
+            hospitals = list(self.cfg.federation.hospitals)
+            updates = robust.flatten_updates([r.state for r in accepted], self.global_state)
+            if self.byzantine and accepted:
+                rows = [i for i, r in enumerate(accepted) if r.hospital in hospitals and hospitals.index(r.hospital) in self.byzantine]
+                updates = attacks.apply_update_attack(self.cfg.attack, updates, rows, self.generator)
+            return updates, [r.hospital for r in accepted], [[r.hospital] for r in accepted]
+        means, labels, members = [], [], []
+        for i, bucket in enumerate(buckets, 1):
+            label = f"bucket {i} ({', '.join(bucket.members)})"
+            for name in bucket.members:
+                if bucket.mean is None:
+                    rejected[name] = f"{name}: secure {label} failed: {bucket.reason}"
+                elif name not in bucket.survivors:
+                    rejected[name] = f"{name}: dropped out of secure {label} before sending its masked input"
+            if bucket.mean is not None:
+                means.append(bucket.mean)
+                labels.append(f"bucket {i}")
+                members.append(list(bucket.survivors))
+        rows = torch.stack(means) if means else torch.empty(0, self.update_dim)
+        return rows, labels, members
+
+    def aggregate(self, server_round: int, replies: list[TrainReply], buckets: list[SecureBucket] | None = None) -> RoundSummary:
+        """Aggregate one round's training replies into a new global model: their updates in
+        the clear, or -- with ``buckets`` (secure aggregation) -- the buckets' means, one row
+        each (the rule's ``f`` then counts Byzantine buckets: f hospitals spoil at most f)."""
+        fed = self.cfg.federation
+        rejected = {r.hospital: r.reason or r.status for r in replies if r.status != "ok"}
+        updates, labels, members = self._rows(replies, rejected, buckets)
         too_large = robust.norm_outliers(updates, fed.max_update_norm, fed.max_update_norm_ratio)
         if too_large:
-            rejected.update({accepted[i].hospital: f"{accepted[i].hospital}: {why}" for i, why in too_large.items()})
-            keep = [i for i in range(len(accepted)) if i not in too_large]
-            accepted, updates = [accepted[i] for i in keep], updates[keep]
+            rejected.update({name: f"{name}: {labels[i]}: {why}" for i, why in too_large.items() for name in members[i]})
+            keep = [i for i in range(len(labels)) if i not in too_large]
+            updates, labels, members = updates[keep], [labels[i] for i in keep], [members[i] for i in keep]
         for name, reason in rejected.items():
             log.warning("round %d: left out %s: %s", server_round, name, reason)
         model_before = self.model_hash
+        by_name = {r.hospital: r for r in replies}
+        accepted = [by_name[name] for row in members for name in row]
         per_hospital = {r.hospital: _not_aggregated(r, rejected[r.hospital]) for r in replies if r.hospital in rejected}
         if len(accepted) < fed.min_hospitals:
-            self._record_stop(server_round, replies, rejected, per_hospital, model_before)
+            self._record_stop(server_round, replies, rejected, per_hospital, model_before, buckets)
             raise FederationStopped(
                 f"round {server_round}: only {len(accepted)} usable update(s) "
                 f"({', '.join(r.hospital for r in accepted) or 'none'}) but federation.min_hospitals="
                 f"{fed.min_hospitals}; stopping with the model of round {server_round - 1}"
             )
-        claimed = torch.tensor([r.metrics["num_examples"] for r in accepted], dtype=torch.float32)
-        try:  # the rule re-checks its assumption (e.g. Krum n > 2f+2) on the replies that came
+        claimed = torch.tensor([sum(by_name[n].metrics["num_examples"] for n in row) for row in members], dtype=torch.float32)
+        try:  # the rule re-checks its assumption (e.g. Krum n > 2f+2) on the rows that came
             result = self.aggregator(updates, claimed)
         except ConfigError as err:
-            self._record_stop(server_round, replies, rejected, per_hospital, model_before)
-            raise FederationStopped(f"round {server_round}: {len(accepted)} usable updates are too few: {err}") from None
+            self._record_stop(server_round, replies, rejected, per_hospital, model_before, buckets)
+            rows = "secure bucket means" if buckets is not None else "updates"
+            raise FederationStopped(f"round {server_round}: {len(labels)} usable {rows} are too few: {err}") from None
         step = self.server_opt.step(result.update)
         self.global_state = robust.apply_update(self.global_state, step)
-        names = [r.hospital for r in accepted]
-        signals = robust.round_signals(names, updates, result)
-        reputation = self.reputation.update(signals)
-        for i, r in enumerate(accepted):
-            per_hospital[r.hospital] = {
-                "accepted": True, "reason": None, "epsilon": r.metrics.get("epsilon"),
-                "update_hash": r.receipt["update_hash"], "norm": signals[r.hospital]["norm"], "receipt": r.receipt,
-            }
-        robust_record = {n: {**signals[n], "reputation": reputation[n]} for n in names}
+        signals = robust.round_signals(labels, updates, result)
+        # reputation follows hospitals across rounds; a bucket is a new group every round
+        reputation = self.reputation.update(signals) if buckets is None else {}
+        for label, row in zip(labels, members):
+            for name in row:
+                r = by_name[name]
+                per_hospital[name] = {
+                    "accepted": True, "reason": None, "epsilon": r.metrics.get("epsilon"),
+                    "update_hash": r.receipt["update_hash"], "norm": signals[label]["norm"] if buckets is None else None,
+                    "receipt": r.receipt,
+                }
+        robust_record = {n: {**signals[n], **({"reputation": reputation[n]} if n in reputation else {"members": row})}
+                         for n, row in zip(labels, members)}
         self.report.add_round(server_round, replies, robust_record, rejected)
         self.ledger.append("round", round=server_round, config_hash=self.config_hash,
                            model_before=model_before, model_after=self.model_hash,
-                           hospitals=per_hospital)
-        return RoundSummary(server_round, names, rejected, {r.hospital: r.metrics["train_loss"] for r in accepted if "train_loss" in r.metrics})
+                           hospitals=per_hospital, **self._bucket_record(buckets))
+        return RoundSummary(server_round, [r.hospital for r in accepted], rejected,
+                            {r.hospital: r.metrics["train_loss"] for r in accepted if "train_loss" in r.metrics})
 
-    def _record_stop(self, server_round, replies, rejected, per_hospital, model_before) -> None:
+    @staticmethod
+    def _bucket_record(buckets: list[SecureBucket] | None) -> dict:
+        """The ledger's record of a securely aggregated round: who was summed with whom."""
+        if buckets is None:
+            return {}
+        return {"secure_buckets": [{"members": b.members, "survivors": b.survivors if b.mean is not None else [],
+                                    "failed": b.reason or None} for b in buckets]}
+
+    def _record_stop(self, server_round, replies, rejected, per_hospital, model_before, buckets) -> None:
         """Audit a round that could not aggregate: the global model stays as it was."""
         for reply in replies:
             per_hospital.setdefault(reply.hospital, _not_aggregated(reply, "round not aggregated"))
         self.report.add_round(server_round, replies, {}, rejected)
         self.ledger.append("round", round=server_round, config_hash=self.config_hash,
-                           model_before=model_before, model_after=model_before, hospitals=per_hospital)
+                           model_before=model_before, model_after=model_before, hospitals=per_hospital,
+                           **self._bucket_record(buckets))
 
     def record_evaluation(self, server_round: int, evaluations: dict[str, dict[str, float]]) -> dict[str, float]:
         """Store per-hospital test metrics of the new global model; return the aggregate."""

@@ -25,12 +25,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from carefl import attacks, budget, privacy
+from carefl import attacks, budget, privacy, robust
 from carefl.checkpoint import atomic_save, atomic_write_text
 from carefl.data import load_hospital
 from carefl.data.card import shared_figures
@@ -39,12 +40,14 @@ from carefl.ledger import hash_state_dict
 from carefl.models import build_model, plain_state_dict
 from carefl.receipts import LOG_FILE, ReceiptLog, SigningKey, history_hash, make_receipt
 from carefl.request import Request, parse_request
+from carefl.secagg import member
 from carefl.site import SitePolicy, admit, read_policy
 from carefl.tasks import trivial_metrics
 from carefl.training import evaluate, make_loader, make_optimizer, train_epochs
 
 log = logging.getLogger("carefl.hospital")
 TRAIN, EVALUATE = "train", "evaluate"
+SECAGG = member.MESSAGE_TYPE  # a secure-aggregation stage
 
 
 @dataclass
@@ -56,7 +59,9 @@ class HospitalReply:
     delta, noise_multiplier, epsilon_cap (never the unnoised training loss: only without DP
     is train_loss sent); evaluate: the task's metrics, num_examples, eval_seconds.
     ``receipt``: the signed receipt of a training round (:func:`carefl.receipts.make_receipt`),
-    None when the hospital could not get as far as its key.
+    None when the hospital could not get as far as its key. ``secagg``: under secure
+    aggregation, the signed advert of a training reply, or a stage's reply
+    (:mod:`carefl.secagg.member`); its masked input is ``state["masked"]`` (int32, (d,)).
     """
 
     hospital: str
@@ -65,6 +70,14 @@ class HospitalReply:
     state: dict[str, torch.Tensor] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     receipt: dict | None = None
+    secagg: dict | None = None
+
+    def status_record(self) -> dict[str, str]:
+        """The ``status`` record every transport sends: hospital, status, reason, receipt and
+        secagg (JSON text, "" when absent)."""
+        return {"hospital": self.hospital, "status": self.status, "reason": self.reason,
+                "receipt": json.dumps(self.receipt) if self.receipt is not None else "",
+                "secagg": json.dumps(self.secagg) if self.secagg is not None else ""}
 
 
 class _FlippedLabels(Dataset):
@@ -224,6 +237,56 @@ def train_round(request: Request, policy: SitePolicy, global_state: dict[str, to
         reply.metrics["train_seconds"] = time.perf_counter() - start
         reply.receipt = _receipt(key, request, policy, received, reply, history)
         receipts.append(reply.receipt)
+        if request.config.strategy.secagg.enabled and reply.status == "ok":
+            _advertise(request, policy, key, reply, global_state)
+    return reply
+
+
+def _advertise(request: Request, policy: SitePolicy, key: SigningKey, reply: HospitalReply, global_state) -> None:
+    """Under secure aggregation the update stays here (its state dir) until the masked stage:
+    the reply carries the signed advert of this round's keys instead of the weights (the
+    receipt still signs the weights' hash, a commitment the hospital can show an auditor)."""
+    secagg = request.config.strategy.secagg
+    update = robust.flatten_updates([reply.state], global_state)[0]
+    pending, reply.secagg = member.advertise(key, request.run_id, request.round, policy.hospital, update,
+                                             float(secagg.clip), int(secagg.bits))
+    pending.save(member.pending_path(policy.state_dir, request.run_id))
+    reply.state = None
+
+
+def secagg_stage(request: Request, policy: SitePolicy, payload_text: Any) -> HospitalReply:
+    """One stage of secure aggregation (:mod:`carefl.secagg.member`) for the round this
+    hospital trained and advertised; its own ``secagg-min-bucket`` bounds the bucket.
+
+    Raises:
+        CareFLError: the stage is refused (a bad payload, a bucket outside its policy, no
+            round in progress); the round's secrets are then forgotten, so no later stage runs.
+    """
+    path = member.pending_path(policy.state_dir, request.run_id)
+    with budget.locked(policy.state_dir):
+        if not request.config.strategy.secagg.enabled or not path.is_file():
+            raise member.SecAggRefused("no securely aggregated round of this run is in progress here")
+        pending = member.Pending.load(path)
+        try:
+            payload = json.loads(payload_text) if isinstance(payload_text, str) and len(payload_text) <= member.MAX_PAYLOAD_CHARS else None
+            stage = payload.get("stage") if isinstance(payload, dict) else None
+            if pending.round != request.round or stage not in ("share", "mask", "unmask"):
+                raise member.SecAggRefused(f"expected a share, mask or unmask stage of round {pending.round}")
+            reply = HospitalReply(policy.hospital, "ok", "", metrics={"num_examples": float(len(pending.levels))})
+            if stage == "share":
+                reply.secagg = member.share(pending, payload, policy.secagg_min_bucket, int(request.config.strategy.secagg.bits))
+            elif stage == "mask":
+                reply.state = {"masked": torch.from_numpy(member.mask(pending, payload).view(np.int32))}
+                reply.secagg = {}
+            else:
+                reply.secagg = member.unmask(pending, payload)
+        except CareFLError:
+            path.unlink()
+            raise
+        if pending.stage == "done":
+            path.unlink()
+        else:
+            pending.save(path)
     return reply
 
 
@@ -422,14 +485,16 @@ def evaluate_round(request: Request, policy: SitePolicy, global_state: dict[str,
     return HospitalReply(policy.hospital, "ok", "", None, metrics)
 
 
-def handle(kind: str, request_text: str, global_state: Mapping[str, torch.Tensor], node_config: Mapping) -> HospitalReply:
+def handle(kind: str, request_text: str, global_state: Mapping[str, torch.Tensor], node_config: Mapping,
+           secagg: Any = None) -> HospitalReply:
     """One request at this hospital, end to end: schema, policy, work, receipt.
 
     Args:
-        kind: :data:`TRAIN` or :data:`EVALUATE` (the message type).
+        kind: :data:`TRAIN`, :data:`EVALUATE` or :data:`SECAGG` (the message type).
         request_text: the request JSON as received (:mod:`carefl.request`).
         global_state: the global model as received (checked by ``load_state_dict``).
         node_config: this SuperNode's node config (its operator's, never the server's).
+        secagg: a secure-aggregation stage's payload (JSON text), for :data:`SECAGG`.
     Returns:
         the reply; a request the hospital will not serve is a ``refused`` reply with the reason
         (also logged here). The name is ``node config hospital`` when known.
@@ -444,6 +509,8 @@ def handle(kind: str, request_text: str, global_state: Mapping[str, torch.Tensor
         if kind == TRAIN:
             return train_round(request, policy, dict(global_state))
         admit(policy, request)
+        if kind == SECAGG:
+            return secagg_stage(request, policy, secagg)
         return evaluate_round(request, policy, dict(global_state))
     except (CareFLError, RuntimeError) as err:  # before the key is at hand: refused, unsigned
         return _refusal(name, kind, err)

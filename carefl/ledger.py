@@ -22,6 +22,10 @@ hospitals    {hospital name: :class:`HospitalRecord`}; ``{}`` when no hospital t
 outputs      {file name: sha256 hex of its bytes} of the run's result files (``metrics.json``,
              ``summary.md``), written before the ``end`` entry; null on other entries. A
              ledger written before this field existed has no ``outputs`` key at all.
+secure_buckets  (``round`` entries of a securely aggregated run only) a list, one item per
+             bucket: ``members`` (its hospitals), ``survivors`` (whose masked inputs its sum
+             holds; ``[]`` when it failed), ``failed`` (str | null, why it gave no mean). The
+             server saw only these buckets' means, never a member's update.
 prev_hash    str, the previous entry's ``hash``; :data:`GENESIS` (64 zeros) for entry 0
 hash         str, sha256 hex of the canonical JSON of the entry without ``hash``
 ============ ==========================================================================
@@ -195,8 +199,8 @@ def _schema_problem(entry: Any) -> str | None:
     """Why ``entry`` does not follow the schema in the module docstring, or None."""
     if not isinstance(entry, dict):
         return "not a JSON object"
-    if set(entry) not in (set(ENTRY_KEYS), set(ENTRY_KEYS) - {"outputs"}):  # no outputs: an older ledger
-        return f"fields are {sorted(entry)}, expected {sorted(ENTRY_KEYS)}"
+    if set(entry) not in (set(ENTRY_KEYS), set(ENTRY_KEYS) - {"outputs"}, {*ENTRY_KEYS, "secure_buckets"}):
+        return f"fields are {sorted(entry)}, expected {sorted(ENTRY_KEYS)}"  # no outputs: an older ledger
     checks = {
         "index": isinstance(entry["index"], int) and not isinstance(entry["index"], bool),
         "kind": entry["kind"] in KINDS,
@@ -211,12 +215,21 @@ def _schema_problem(entry: Any) -> str | None:
             and all(isinstance(k, str) and "/" not in k and _is_hex(v) for k, v in entry["outputs"].items())),
         "prev_hash": _is_hex(entry["prev_hash"]),
         "hash": _is_hex(entry["hash"]),
+        "secure_buckets": "secure_buckets" not in entry or (entry["kind"] == "round" and _buckets_ok(entry["secure_buckets"])),
     }
     bad = [key for key, ok in checks.items() if not ok]
     if bad:
         return f"bad value for {bad}"
     hospitals = entry["hospitals"].items()
     return next((p for name, rec in hospitals if (p := _record_problem(name, rec, entry["round"]))), None)
+
+
+def _buckets_ok(buckets: Any) -> bool:
+    names = lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)  # noqa: E731
+    return isinstance(buckets, list) and all(
+        isinstance(b, dict) and set(b) == {"members", "survivors", "failed"} and names(b["members"])
+        and names(b["survivors"]) and set(b["survivors"]) <= set(b["members"])
+        and (b["failed"] is None or isinstance(b["failed"], str)) for b in buckets)
 
 
 def _order_problem(index: int, kind: str, prev_kind: str | None) -> str | None:
@@ -284,7 +297,7 @@ class Ledger:
     """
 
     #: fields :meth:`append` takes from its caller (the rest are computed)
-    FIELDS = ("round", "config_hash", "model_before", "model_after", "hospitals", "outputs")
+    FIELDS = ("round", "config_hash", "model_before", "model_after", "hospitals", "outputs", "secure_buckets")
     REQUIRED = ("round", "config_hash", "model_after")
 
     def __init__(self, path: str | os.PathLike, expect_head: str | None = None) -> None:
@@ -353,6 +366,7 @@ class Ledger:
             "hospitals": hospitals,
             "outputs": fields.get("outputs"),
             "prev_hash": self._head,
+            **({"secure_buckets": fields["secure_buckets"]} if "secure_buckets" in fields else {}),
         }
         entry = json.loads(canonical_json(entry))  # exactly what a reader will parse
         entry["hash"] = entry_hash(entry)

@@ -10,8 +10,7 @@ simulation engine sets it).
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from torch import Tensor
 
@@ -21,8 +20,7 @@ from carefl.replies import ArrayView, RawReply, dtype_name
 
 def raw_reply(node_id: int, reply: HospitalReply) -> RawReply:
     """What the server would receive for ``reply`` (the ClientApp's three records)."""
-    status = {"hospital": reply.hospital, "status": reply.status, "reason": reply.reason,
-              "receipt": json.dumps(reply.receipt) if reply.receipt is not None else ""}
+    status = reply.status_record()
     arrays = None
     if reply.state is not None:
         arrays = {k: ArrayView(dtype_name(v), tuple(v.shape), v.numel() * v.element_size(), lambda v=v: v.clone())
@@ -45,6 +43,14 @@ class LocalTransport:
     def exchange(self, kind: str, node_ids: list[int], request: str, state: dict[str, Tensor],
                  server_round: int, timeout: float) -> Iterator[RawReply]:
         for node in node_ids:
-            reply = handle(kind, request, state, {"partition-id": node - 1, "num-partitions": self.n})
-            raw = raw_reply(node, reply)
-            yield self.tamper(node, kind, raw) if self.tamper else raw
+            yield self._send(node, kind, request, state, None)
+
+    def exchange_each(self, kind: str, payloads: Mapping[int, str], request: str, server_round: int,
+                      timeout: float) -> Iterator[RawReply]:
+        for node, payload in payloads.items():
+            yield self._send(node, kind, request, {}, payload)
+
+    def _send(self, node: int, kind: str, request: str, state: dict[str, Tensor], payload: str | None) -> RawReply:
+        reply = handle(kind, request, state, {"partition-id": node - 1, "num-partitions": self.n}, payload)
+        raw = raw_reply(node, reply)
+        return self.tamper(node, kind, raw) if self.tamper else raw

@@ -42,6 +42,7 @@ from carefl import robust
 from carefl.ledger import hash_state_dict
 from carefl.tasks import UNBOUNDED
 from carefl.receipts import receipt_problem
+from carefl.secagg import member
 
 MAX_RECEIPT_CHARS = 16384
 #: a shared data-card figure in an evaluation reply (carefl.data.card.shared_figures)
@@ -98,6 +99,7 @@ class TrainReply:
     metrics: dict[str, float] = field(default_factory=dict)
     receipt: dict | None = None
     node_id: int | None = None
+    advert: dict | None = None
 
 
 @dataclass
@@ -118,6 +120,9 @@ class RoundContext:
     dp: bool
     keys: dict[str, str]
     answered: set[str] = field(default_factory=set)
+    #: d of the flattened update when the round is securely aggregated (an ok reply then
+    #: carries a signed advert instead of weights), else None
+    secagg_dim: int | None = None
 
 
 def _text(record: Mapping[str, Any], key: str, limit: int) -> str | None:
@@ -211,6 +216,8 @@ def check_train_reply(raw: RawReply, ctx: RoundContext) -> tuple[TrainReply | No
     if state_word == "refused":
         reply.status, reply.reason = "refused", reason or f"{name} refused"
         return reply, ""
+    if ctx.secagg_dim is not None:
+        return _with_advert(reply, raw, status, ctx)
     problem = _arrays_problem(raw.arrays, ctx.global_state)
     if problem is None:
         try:
@@ -226,6 +233,60 @@ def check_train_reply(raw: RawReply, ctx: RoundContext) -> tuple[TrainReply | No
         return reply, ""
     reply.status, reply.reason, reply.state = "ok", "", state
     return reply, ""
+
+
+def _with_advert(reply: TrainReply, raw: RawReply, status: Mapping[str, Any], ctx: RoundContext) -> tuple[TrainReply, str]:
+    """An ok reply under secure aggregation: no weights, and the advert of this round's keys
+    signed by the key its receipt verifies under (so the keys are the hospital's own)."""
+    name = reply.hospital
+    try:
+        advert = json.loads(_text(status, "secagg", MAX_RECEIPT_CHARS) or "null")
+    except ValueError:
+        advert = None
+    problem = "it sent model weights in a securely aggregated round" if raw.arrays else \
+        member.advert_problem(advert, ctx.run_id, ctx.round, ctx.secagg_dim)
+    if problem is None and (advert["hospital"] != name or advert["public_key"] != reply.receipt["public_key"]):
+        problem = "its secure-aggregation advert is not signed by its own key"
+    if problem:
+        reply.reason = f"{name}: {problem}"
+    else:
+        reply.status, reply.reason, reply.advert = "ok", "", advert
+    return reply, ""
+
+
+def check_secagg_reply(raw: RawReply, names: Mapping[int, str], dim: int) -> tuple[str | None, dict | None, Tensor | None, str]:
+    """A secure-aggregation stage's reply: ``(hospital, payload, masked, "")``, or ``(hospital
+    or None, None, None, why)``. Attributed like an evaluation reply (by the node that sent the
+    hospital's authenticated training reply); ``masked`` (int32, (dim,)) is declared-checked
+    before it is deserialised; the payload's own schema is the stage's
+    (:class:`carefl.secagg.coordinator.Bucket`'s ``take_*``)."""
+    name = names.get(raw.node_id)
+    if raw.error is not None:
+        return name, None, None, f"secure aggregation failed at {name or f'node {raw.node_id}'}: {str(raw.error)[:300]}"
+    status = raw.status if isinstance(raw.status, Mapping) else {}
+    if name is None or status.get("hospital") != name:
+        return None, None, None, f"node {raw.node_id} sent a secure-aggregation reply as {str(status.get('hospital'))[:64]!r} without training as it this round"
+    if status.get("status") != "ok":
+        return name, None, None, f"{name} left secure aggregation: {str(status.get('reason'))[:300]}"
+    try:
+        payload = json.loads(_text(status, "secagg", member.MAX_PAYLOAD_CHARS) or "null")
+    except ValueError:
+        payload = None
+    arrays = raw.arrays or {}
+    masked = None
+    if set(arrays) - {"masked"}:
+        return name, None, None, f"{name}: a secure-aggregation reply may carry only a masked input"
+    if arrays:
+        view = arrays["masked"]
+        if view.dtype != "int32" or tuple(view.shape) != (dim,) or not 0 <= view.nbytes <= 4 * dim + NPY_HEADER_SLACK:
+            return name, None, None, f"{name}: its masked input is declared {view.dtype} {tuple(view.shape)}, expected int32 ({dim},)"
+        try:
+            masked = view.load()
+        except Exception as err:  # a malformed .npy payload: whatever numpy raises
+            return name, None, None, f"{name}: its masked input cannot be read ({type(err).__name__})"
+    if not isinstance(payload, dict):
+        return name, None, None, f"{name}: its secure-aggregation reply is not a JSON object"
+    return name, payload, masked, ""
 
 
 def _receipt_mismatch(receipt: dict, name: str, ctx: RoundContext) -> str | None:

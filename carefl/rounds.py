@@ -19,10 +19,11 @@ Per round r:
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -32,10 +33,12 @@ from torch import Tensor
 
 from carefl.config import validate
 from carefl.errors import CareFLError, ConfigError
-from carefl.federation import Federation, FederationStopped
+from carefl.federation import Federation, FederationStopped, SecureBucket
 from carefl.receipts import SigningKey, sign_head
-from carefl.replies import RawReply, RoundContext, TrainReply, check_eval_reply, check_train_reply
+from carefl.replies import RawReply, RoundContext, TrainReply, check_eval_reply, check_secagg_reply, check_train_reply
 from carefl.request import build_request, simulation_section
+from carefl.secagg.coordinator import Bucket, plan_buckets
+from carefl.secagg.member import MESSAGE_TYPE
 from carefl.tasks import HEADLINE, metric_names
 
 log = logging.getLogger("carefl")
@@ -92,6 +95,11 @@ class Transport(Protocol):
                  server_round: int, timeout: float) -> Iterator[RawReply]:
         """Send ``(request, state)`` as a ``kind`` message to every node; yield replies as they
         arrive, until all are in or ``timeout`` seconds passed (the consumer may stop early)."""
+
+    def exchange_each(self, kind: str, payloads: Mapping[int, str], request: str, server_round: int,
+                      timeout: float) -> Iterator[RawReply]:
+        """Send node ``i`` the ``request`` with its own ``payloads[i]`` (JSON text, no weights);
+        yield replies as :meth:`exchange` does (secure aggregation's stages)."""
 
 
 def _override_key(override: str) -> str:
@@ -209,7 +217,8 @@ def _train_phase(transport: Transport, fed: Federation, request: str, nodes: lis
     cfg = fed.cfg
     hospitals, timeout = list(cfg.federation.hospitals), float(cfg.federation.round_timeout_s)
     ctx = RoundContext(hospitals, fed.run_id, server_round, fed.global_state, fed.model_hash,
-                       bool(cfg.privacy.enabled), fed.hospital_keys)
+                       bool(cfg.privacy.enabled), fed.hospital_keys,
+                       secagg_dim=fed.update_dim if cfg.strategy.secagg.enabled else None)
     replies, names = [], {}
     stream = transport.exchange(TRAIN, nodes, request, fed.global_state, server_round, timeout)
     for raw in stream:
@@ -227,6 +236,34 @@ def _train_phase(transport: Transport, fed: Federation, request: str, nodes: lis
                            "(crashed, hung or disconnected); it may rejoin in a later round")
                 for h in sorted(seen - ctx.answered)]
     return replies, names
+
+
+def _secagg_phase(transport: Transport, fed: Federation, request: str, replies: list[TrainReply],
+                  names: dict[int, str], server_round: int) -> list[SecureBucket]:
+    """Secure aggregation of the round's ok replies: random buckets (``strategy.secagg.
+    bucket_size``), then the share, mask and unmask stages, each one message per member
+    (:mod:`carefl.secagg`). A member that does not answer a stage has dropped; every reply is
+    checked (:func:`carefl.replies.check_secagg_reply`, then the stage's schema) and a bad one
+    counts as a dropout, logged. Returns each bucket's outcome."""
+    cfg = fed.cfg
+    secagg, timeout = cfg.strategy.secagg, float(cfg.federation.round_timeout_s)
+    adverts = {r.hospital: r.advert for r in replies if r.status == "ok"}
+    node_of = {name: node for node, name in names.items()}
+    plan = plan_buckets(sorted(adverts), secagg.bucket_size, seed=int(cfg.seed) * 1_000_003 + server_round)
+    buckets = [Bucket(fed.run_id, server_round, {m: adverts[m] for m in members}, fed.update_dim,
+                      float(secagg.clip), int(secagg.bits)) for members in plan]
+    owner = {m: bucket for bucket in buckets for m in bucket.members}
+    stages = ((Bucket.share_requests, Bucket.take_shares), (Bucket.mask_requests, None),
+              (Bucket.unmask_requests, Bucket.take_unmask))
+    for requests, take in stages:
+        payloads = {node_of[m]: json.dumps(p) for bucket in buckets for m, p in requests(bucket).items()}
+        for raw in transport.exchange_each(MESSAGE_TYPE, payloads, request, server_round, timeout):
+            name, payload, masked, why = check_secagg_reply(raw, names, fed.update_dim)
+            if not why:
+                why = owner[name].take_masked(name, masked) if take is None else take(owner[name], name, payload)
+            if why:
+                log.warning("round %d: secure aggregation: %s", server_round, why)
+    return [SecureBucket(b.members, b.u2, *b.result()) for b in buckets]
 
 
 def _eval_phase(transport: Transport, fed: Federation, request: str, names: dict[int, str], server_round: int) -> dict:
@@ -253,9 +290,10 @@ def _rounds(transport: Transport, fed: Federation, cfg: DictConfig, server_key: 
         head = sign_head(server_key, len(fed.ledger) - 1, fed.ledger.head)
         request = build_request(cfg, server_round, fed.run_id, head, simulation)
         replies, names = _train_phase(transport, fed, request, nodes, server_round, seen)
+        buckets = _secagg_phase(transport, fed, request, replies, names, server_round) if cfg.strategy.secagg.enabled else None
         trained = time.monotonic()
         try:
-            summary = fed.aggregate(server_round, replies)
+            summary = fed.aggregate(server_round, replies, buckets)
         except FederationStopped as stop:
             log.warning("%s", stop)
             return "stopped", str(stop)

@@ -13,7 +13,7 @@ import logging
 import shlex
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import httpx
 import torch
@@ -54,7 +54,7 @@ def _raw(msg: Message) -> RawReply:
     if msg.has_error():
         return RawReply(node, error=str(msg.error.reason))
     content = msg.content
-    records = {name: dict(content[name]) for name in ("status", "metrics") if name in content}
+    records = {name: dict(content[name]) for name in ("status", "metrics") if name in content}  # not yet trusted
     arrays = {k: _view(a) for k, a in content["arrays"].items()} if "arrays" in content else None
     return RawReply(node, status=records.get("status"), metrics=records.get("metrics"), arrays=arrays)
 
@@ -90,6 +90,16 @@ class FlowerTransport:
         content = RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({"request": request})})
         messages = [Message(content=content, dst_node_id=nid, message_type=kind, group_id=str(server_round))
                     for nid in node_ids]
+        return self._push_pull(kind, messages, server_round, timeout)
+
+    def exchange_each(self, kind: str, payloads: Mapping[int, str], request: str, server_round: int,
+                      timeout: float) -> Iterator[RawReply]:
+        messages = [Message(content=RecordDict({"config": ConfigRecord({"request": request, "secagg": payload})}),
+                            dst_node_id=nid, message_type=kind, group_id=str(server_round))
+                    for nid, payload in payloads.items()]
+        return self._push_pull(kind, messages, server_round, timeout)
+
+    def _push_pull(self, kind: str, messages: list[Message], server_round: int, timeout: float) -> Iterator[RawReply]:
         with _stopped_by_operator():
             pending = {mid for mid in self.grid.push_messages(messages) if mid}
         deadline, pause = time.monotonic() + timeout, POLL_PAUSES_S[0]

@@ -29,7 +29,7 @@ def test_strategy_file_builds_and_comments_every_key(path):
 
     name = path.split("/")[-1][:-5]
     conf = compose_config([f"strategy={name}", "federation.hospitals=[a,b,c,d,e,f,g,h,i,j,k]"]).strategy
-    assert set(conf) == {"name", "f", "rule", "pre", "server_opt", "prox_mu"}
+    assert set(conf) == {"name", "f", "rule", "pre", "server_opt", "prox_mu", "secagg"}  # secagg: conf/secagg/
     check_assumptions(conf, 9)
     agg, opt = build_aggregator(conf), build_server_optimizer(conf)
     x = torch.randn(9, 30)

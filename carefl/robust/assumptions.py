@@ -107,7 +107,7 @@ def _check_server_opt(spec: Mapping) -> None:
             _fraction(v, key)
 
 
-def check_assumptions(strategy_cfg: Mapping, n_hospitals: int) -> None:
+def check_assumptions(strategy_cfg: Mapping, n_hospitals: int, unit: str = "hospitals") -> None:
     """Raise ConfigError unless ``strategy_cfg`` is usable with ``n_hospitals`` updates a round.
 
     Checks names and settings of rule / pre / server_opt (unknown ones list the valid
@@ -115,6 +115,7 @@ def check_assumptions(strategy_cfg: Mapping, n_hospitals: int) -> None:
     it sees (after bucketing, if any): Krum/Multi-Krum n > 2f+2, Bulyan n >= 4f+3, trimmed
     mean trims >= f per side and keeps something, median / geomed / centered clipping / NNM
     f < n/2. The aggregator re-checks every round with the hospitals that actually replied.
+    ``unit``: what a row is, for the message (``secure buckets`` under secure aggregation).
     """
     f = strategy_cfg.get("f", 0)
     if not isinstance(f, int) or isinstance(f, bool) or f < 0:
@@ -126,6 +127,6 @@ def check_assumptions(strategy_cfg: Mapping, n_hospitals: int) -> None:
         raise ConfigError(f"no hospital updates to aggregate (n={n_hospitals}); check federation.hospitals")
     pre = list(strategy_cfg.get("pre") or [])
     rows = _check_pre(pre, f, n_hospitals)
-    note = f" rows after bucketing ({n_hospitals} hospitals)" if rows != n_hospitals else " hospitals"
+    note = f" rows after bucketing ({n_hospitals} {unit})" if rows != n_hospitals else f" {unit}"
     _check_rule(strategy_cfg["rule"], f, rows, note)
     _check_server_opt(strategy_cfg["server_opt"])

@@ -51,6 +51,8 @@ from carefl.receipts import SigningKey, verify_signature
 from carefl.secagg import crypto
 from carefl.secagg.quantize import max_bucket, quantize
 
+#: the Flower message type of a stage (``@app.train("secagg")`` in the ClientApp)
+MESSAGE_TYPE = "train.secagg"
 #: fields of an advert, in the order they are signed (the signature covers all but itself)
 ADVERT_KEYS = ("run_id", "round", "hospital", "dim", "c_pk", "s_pk", "b_commit", "public_key", "signature")
 MAX_PAYLOAD_CHARS = 4_000_000
