@@ -253,16 +253,22 @@ def _secagg_phase(transport: Transport, fed: Federation, request: str, replies: 
     buckets = [Bucket(fed.run_id, server_round, {m: adverts[m] for m in members}, fed.update_dim,
                       float(secagg.clip), int(secagg.bits)) for members in plan]
     owner = {m: bucket for bucket in buckets for m in bucket.members}
-    stages = ((Bucket.share_requests, Bucket.take_shares), (Bucket.mask_requests, None),
-              (Bucket.unmask_requests, Bucket.take_unmask))
-    for requests, take in stages:
+    stages = (("share", Bucket.share_requests, Bucket.take_shares), ("mask", Bucket.mask_requests, None),
+              ("unmask", Bucket.unmask_requests, Bucket.take_unmask))
+    log.info("round %d: secure aggregation in %d bucket(s) of %s hospitals", server_round, len(buckets),
+             "/".join(str(len(b.members)) for b in buckets))
+    for stage, requests, take in stages:
         payloads = {node_of[m]: json.dumps(p) for bucket in buckets for m, p in requests(bucket).items()}
+        answered = 0
         for raw in transport.exchange_each(MESSAGE_TYPE, payloads, request, server_round, timeout):
             name, payload, masked, why = check_secagg_reply(raw, names, fed.update_dim)
             if not why:
                 why = owner[name].take_masked(name, masked) if take is None else take(owner[name], name, payload)
             if why:
                 log.warning("round %d: secure aggregation: %s", server_round, why)
+            answered += not why
+        log.info("round %d: secure aggregation %s stage: %d/%d hospitals answered", server_round, stage, answered,
+                 len(payloads))
     return [SecureBucket(b.members, b.u2, *b.result()) for b in buckets]
 
 

@@ -321,3 +321,42 @@ def test_the_first_line_says_where_a_relative_output_dir_went_and_why(tmp_path, 
     first = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("run directory"))
     assert f"run directory: {run_dir} (output_dir=rel is relative: resolved against this ServerApp's working " \
            f"directory {tmp_path}" in first
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_mid_secure_aggregation_is_survived(deployment: Deployment, tmp_path: Path):
+    """Four real SuperNodes, secagg=on. northfield's SuperNode is killed (SIGKILL, with its
+    ClientApp) the moment its state dir shows it has made its shares in round 1 -- after it
+    advertised its keys, before its masked input. The round completes with the other three
+    (their shares remove northfield's masks if its shares went out; otherwise it is not in
+    the sum at all), the ledger says who was summed, and the chain verifies."""
+    from carefl.secagg.member import Pending
+
+    hospitals = ["st-mary", "riverside", "northfield", "eastgate"]
+    deployment.start_superlink()
+    for i, h in enumerate(hospitals):
+        deployment.start_supernode(h, data_path=f"synthetic:{i}", state_dir=str(tmp_path / "state" / h))
+    out, run_dir = tmp_path / "out", tmp_path / "out" / "secagg-kill"
+    run_id = deployment.submit(f"secagg=on federation.rounds=2 federation.round_timeout_s=30 federation.min_hospitals=3 "
+                               f"federation.hospitals=[{','.join(hospitals)}] {TINY} output_dir={out} run_id=secagg-kill")
+    pending_dir = tmp_path / "state" / "northfield" / "secagg"
+
+    def shared() -> bool:
+        for path in pending_dir.glob("*.pt") if pending_dir.is_dir() else ():
+            try:
+                return Pending.load(path).stage == "shared"
+            except Exception:  # being written: look again
+                return False
+        return False
+
+    wait_until(shared, 300, "northfield to make its shares", lambda: deployment.log(run_id) + deployment.procs.tails())
+    deployment.procs.kill("supernode-northfield")
+    metrics = deployment.wait_for_run(run_id, run_dir, timeout=400)
+
+    assert metrics["status"] == "completed"
+    entries = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    (bucket,) = entries[1]["secure_buckets"]
+    assert bucket["failed"] is None and sorted(bucket["survivors"]) == ["eastgate", "riverside", "st-mary"]
+    assert not entries[1]["hospitals"]["northfield"]["accepted"]
+    assert sorted(entries[2]["secure_buckets"][0]["survivors"]) == ["eastgate", "riverside", "st-mary"]
+    assert verify(run_dir).returncode == 0

@@ -137,7 +137,7 @@ class Bucket:
                 return None, f"only {have} of its {len(self.members)} members {stage}, below the threshold t={t}"
         ctx, position = context(self.run_id, self.round), {m: i for i, m in enumerate(self.members)}
         total = np.zeros(self.dim, dtype=np.uint32)
-        for m in u2:
+        for m in u2:  # in place: uint32 arithmetic is the ring's, mod 2^32
             total += self.masked[m]
             seed = self._secret(m, "b")
             if crypto.commitment(seed) != self.adverts[m]["b_commit"]:
@@ -149,11 +149,13 @@ class Bucket:
                 return None, f"the shares of dropped {v}'s mask key do not give the key it advertised (bad shares)"
             for u in u2:  # u added +PRG(k_uv) if it comes before v, -PRG(k_uv) after: take it out
                 pair = crypto.mask(crypto.agree(s_sk, unb64(self.adverts[u]["s_pk"]), "mask", ctx), self.dim)
-                total = total - pair if position[u] < position[v] else total + pair
-        problem = sum_problem(total, len(u2), self.bound, self.bits)
-        if problem:
-            return None, problem
-        return dequantize_mean(total, len(u2), self.bound, self.bits), ""
+                if position[u] < position[v]:
+                    total -= pair
+                else:
+                    total += pair
+        mean = dequantize_mean(total, len(u2), self.bound, self.bits)
+        problem = sum_problem(total, mean, len(u2), self.bound, self.bits)
+        return (None, problem) if problem else (mean, "")
 
 
 def buckets_needed(n: int, size: int | None) -> int:
