@@ -397,6 +397,7 @@ def _check_secagg(cfg: DictConfig, n: int) -> int:
         _integer(cfg, "strategy.secagg.bucket_size", 1, n, min(3, n))
     _number(cfg, "strategy.secagg.clip", 0, 1e6, 10.0)
     bits = _integer(cfg, "strategy.secagg.bits", 8, 24, 22)
+    _number(cfg, "strategy.secagg.threshold", 0.5, 1, 0.5, low_open=False, high_open=True)
     if not enabled:
         return n
     largest = n if size is None else min(n, 2 * size - 1)

@@ -256,7 +256,8 @@ def _advertise(request: Request, policy: SitePolicy, key: SigningKey, reply: Hos
 
 def secagg_stage(request: Request, policy: SitePolicy, payload_text: Any) -> HospitalReply:
     """One stage of secure aggregation (:mod:`carefl.secagg.member`) for the round this
-    hospital trained and advertised; its own ``secagg-min-bucket`` bounds the bucket.
+    hospital trained and advertised; its own ``secagg-min-bucket`` and ``secagg-min-threshold``
+    bound the bucket.
 
     Raises:
         CareFLError: the stage is refused (a bad payload, a bucket outside its policy, no
@@ -274,7 +275,8 @@ def secagg_stage(request: Request, policy: SitePolicy, payload_text: Any) -> Hos
                 raise member.SecAggRefused(f"expected a share, mask or unmask stage of round {pending.round}")
             reply = HospitalReply(policy.hospital, "ok", "", metrics={"num_examples": float(len(pending.levels))})
             if stage == "share":
-                reply.secagg = member.share(pending, payload, policy.secagg_min_bucket, int(request.config.strategy.secagg.bits))
+                reply.secagg = member.share(pending, payload, policy.secagg_min_bucket, int(request.config.strategy.secagg.bits),
+                                            policy.secagg_min_threshold)
             elif stage == "mask":
                 reply.state = {"masked": torch.from_numpy(member.mask(pending, payload).view(np.int32))}
                 reply.secagg = {}

@@ -121,7 +121,7 @@ def _saved_config(run_dir: Path, given: str) -> DictConfig:
         if "personalization" not in cfg:  # a run from before personalization existed
             cfg.personalization = {"name": "none", "epochs": 0}
         if "secagg" not in cfg.strategy:  # ... or before secure aggregation
-            cfg.strategy.secagg = {"enabled": False, "bucket_size": None, "clip": 10.0, "bits": 22}
+            cfg.strategy.secagg = {"enabled": False, "bucket_size": None, "clip": 10.0, "bits": 22, "threshold": 0.5}
         validate(cfg)
     except ConfigError as err:
         raise ConfigError(f"resume={given}: {saved}: {err}; {fix}") from None
@@ -251,7 +251,7 @@ def _secagg_phase(transport: Transport, fed: Federation, request: str, replies: 
     node_of = {name: node for node, name in names.items()}
     plan = plan_buckets(sorted(adverts), secagg.bucket_size, seed=int(cfg.seed) * 1_000_003 + server_round)
     buckets = [Bucket(fed.run_id, server_round, {m: adverts[m] for m in members}, fed.update_dim,
-                      float(secagg.clip), int(secagg.bits)) for members in plan]
+                      float(secagg.clip), int(secagg.bits), float(secagg.threshold)) for members in plan]
     owner = {m: bucket for bucket in buckets for m in bucket.members}
     stages = (("share", Bucket.share_requests, Bucket.take_shares), ("mask", Bucket.mask_requests, None),
               ("unmask", Bucket.unmask_requests, Bucket.take_unmask))

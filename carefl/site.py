@@ -40,6 +40,9 @@ key                    meaning (default)
                        request with ``strategy.secagg.enabled=false`` is refused (``false``)
 ``secagg-min-bucket``  the fewest hospitals (itself included) whose sum the server may
                        learn instead of its update: it refuses a smaller bucket (3)
+``secagg-min-threshold``  the least fraction of a bucket whose shares must be needed to
+                       unmask (t > fraction * s), in [0.5, 1); higher resists more colluders
+                       under an active server and tolerates fewer dropouts (0.5)
 ``site-policy``        a YAML file holding any of the keys above
 =====================  ======================================================================
 
@@ -68,14 +71,16 @@ from carefl.request import NAME, Request
 #: keys Flower's simulation engine sets itself
 SIMULATION_KEYS = ("partition-id", "num-partitions")
 DEFAULTS = {"require-dp": True, "max-local-epochs": 10, "max-batch-size": 1024, "max-rounds": 1000, "max-bad-files": 0,
-            "share-data-card": False, "require-secagg": False, "secagg-min-bucket": 3}
+            "share-data-card": False, "require-secagg": False, "secagg-min-bucket": 3,
+            "secagg-min-threshold": 0.5}
 #: the default cache-dir under the state dir
 CACHE_DIR = "data-cache"
 #: node-config keys a SuperNode may set
 NODE_KEYS = (
     "hospital", "data-path", "state-dir", "require-dp", "epsilon-cap", "delta", "max-local-epochs",
     "max-batch-size", "max-rounds", "allowed-models", "allowed-tasks", "torch-threads", "key-file", "cache-dir",
-    "max-bad-files", "share-data-card", "require-secagg", "secagg-min-bucket", "site-policy",
+    "max-bad-files", "share-data-card", "require-secagg", "secagg-min-bucket",
+    "secagg-min-threshold", "site-policy",
 )
 #: what a real SuperNode must set itself (no default, never from the server)
 REQUIRED = ("hospital", "data-path", "state-dir", "epsilon-cap", "delta")
@@ -113,6 +118,7 @@ class SitePolicy:
     share_data_card: bool
     require_secagg: bool
     secagg_min_bucket: int
+    secagg_min_threshold: float
 
 
 def _policy_file(path: str) -> dict[str, Any]:
@@ -244,6 +250,10 @@ def read_policy(node_config: Mapping[str, Any], request: Request) -> SitePolicy:
     min_bucket = _number(values, "secagg-min-bucket", integer=True)
     if min_bucket < 1:
         raise ConfigError(f"secagg-min-bucket={min_bucket} in {values['secagg-min-bucket'][1]} must be >= 1")
+    min_threshold = _number(values, "secagg-min-threshold")
+    if not 0.5 <= min_threshold < 1:
+        raise ConfigError(f"secagg-min-threshold={min_threshold} in {values['secagg-min-threshold'][1]} must be in "
+                          "[0.5, 1), e.g. 0.75")
     threads = _number(values, "torch-threads", integer=True) if "torch-threads" in values else None
     if threads is not None and not 1 <= threads <= 1024:
         raise ConfigError(f"torch-threads={threads} in {values['torch-threads'][1]} must be in 1..1024")
@@ -258,6 +268,7 @@ def read_policy(node_config: Mapping[str, Any], request: Request) -> SitePolicy:
         allowed_tasks=_names(values, "allowed-tasks"), torch_threads=threads, key_file=key_file,
         cache_dir=cache_dir, max_bad_files=max_bad, share_data_card=_flag(values, "share-data-card"),
         require_secagg=_flag(values, "require-secagg"), secagg_min_bucket=min_bucket,
+        secagg_min_threshold=min_threshold,
     )
 
 

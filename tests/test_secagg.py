@@ -195,3 +195,14 @@ def test_the_mask_prg_uses_the_whole_seed():
     first = crypto.mask(bytes(seed), 64)
     seed[31] ^= 1  # Flower's PRG XOR-folds the seed to 32 bits; here every bit matters
     assert not np.array_equal(first, crypto.mask(bytes(seed), 64))
+
+
+def test_a_hospital_demanding_a_higher_threshold_refuses_a_majority_one(keys):
+    names = ["h0", "h1", "h2", "h3"]
+    _, pending, bucket = _start(keys, names)
+    majority = bucket.share_requests()["h0"]  # t = 3 of 4
+    with pytest.raises(SecAggRefused, match="secagg-min-threshold=0.75"):
+        member.share(copy.deepcopy(pending["h0"]), majority, 3, BITS, min_threshold=0.75)
+    bucket.fraction = 0.75  # strategy.secagg.threshold=0.75: t = 4
+    assert bucket.threshold == 4
+    assert "shares" in member.share(pending["h0"], bucket.share_requests()["h0"], 3, BITS, min_threshold=0.75)

@@ -11,6 +11,7 @@ edge for these replies) and returns the reason it is refused, or None.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,9 +26,10 @@ from carefl.secagg.quantize import dequantize_mean, sum_problem
 SEALED_BYTES = crypto.NONCE_BYTES + 2 * crypto.SHARE_BYTES + 16
 
 
-def threshold(size: int) -> int:
-    """Shares needed to reconstruct in a bucket of ``size``: the least t with t > size / 2."""
-    return size // 2 + 1
+def threshold(size: int, fraction: float = 0.5) -> int:
+    """Shares needed to reconstruct in a bucket of ``size``: the least t with t > fraction *
+    size (``strategy.secagg.threshold``, in [0.5, 1): a majority at least, all at most)."""
+    return math.floor(fraction * size) + 1
 
 
 def plan_buckets(names: list[str], size: int | None, seed: int) -> list[list[str]]:
@@ -42,7 +44,8 @@ def plan_buckets(names: list[str], size: int | None, seed: int) -> list[list[str
 @dataclass
 class Bucket:
     """One bucket's run of the protocol. ``adverts``: member -> its checked advert, in bucket
-    order; ``dim``: d of the flattened update; ``bound``/``bits``: ``strategy.secagg``."""
+    order; ``dim``: d of the flattened update; ``bound``/``bits``/``fraction``: ``strategy.secagg``'s
+    ``clip``/``bits``/``threshold``."""
 
     run_id: str
     round: int
@@ -50,6 +53,7 @@ class Bucket:
     dim: int
     bound: float
     bits: int
+    fraction: float = 0.5
     sealed: dict[str, dict[str, str]] = field(default_factory=dict)   # sender -> recipient -> ciphertext
     masked: dict[str, np.ndarray] = field(default_factory=dict)
     revealed: dict[str, dict] = field(default_factory=dict)           # responder -> {"b": .., "sk": ..}
@@ -60,7 +64,7 @@ class Bucket:
 
     @property
     def threshold(self) -> int:
-        return threshold(len(self.adverts))
+        return threshold(len(self.adverts), self.fraction)
 
     def _head(self, stage: str) -> dict:
         return {"stage": stage, "run_id": self.run_id, "round": self.round}

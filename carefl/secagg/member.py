@@ -10,7 +10,8 @@ layer); the primitives are :mod:`carefl.secagg.crypto`'s. The stages of one roun
 1. **share**: the server sends the bucket (every member's advert, in order: position i+1 is
    the Shamir index) and the threshold t. The hospital checks, against its own policy, that
    it is in the bucket with ITS keys, that the bucket has at least ``secagg-min-bucket``
-   members, that s/2 < t <= s and that the sum cannot overflow; then it splits ``b`` and its
+   members, that ``secagg-min-threshold`` * s < t <= s (at least a majority) and that the sum
+   cannot overflow; then it splits ``b`` and its
    mask key ``s_sk`` into s shares each and encrypts peer j's pair for j alone.
 2. **mask**: the server forwards the ciphertexts addressed to it; U1 = their senders and itself
    (at least t). It sends ``y = q + PRG(b) + sum_{v in U1} +-PRG(k_sv) mod 2^32``, with
@@ -21,13 +22,15 @@ layer); the primitives are :mod:`carefl.secagg.crypto`'s. The stages of one roun
    its share of ``b`` of each survivor and of ``s_sk`` of each dropped member -- never both
    for one member -- and forgets the round (a second unmask is refused).
 
-What this guarantees (Bell et al. 2020, Thm. 2, the semi-honest and the active-server cases):
-the server, even colluding with k < 2t - s members of a bucket, learns about the honest
-members' updates nothing but the sum over U2. Against an active server that tells different
-hospitals different U2s, the proof needs t > (s + k) / 2: each honest member reveals one share
-kind per peer, so reconstructing both ``b`` and ``s_sk`` of one member takes two sets of t
-shares that overlap only in colluders. The server chooses buckets; a hospital that sets
-``secagg-min-bucket=m`` is never in a bucket where fewer than m - 1 - k others are honest.
+What this guarantees (Bell et al. 2020, Thm. 2): about the honest members' updates the
+server learns nothing but the sum over U2 -- if it follows the protocol, while it colludes with
+k < t members of the bucket (k shares of a secret reveal nothing); if it deviates, telling
+hospitals different U2s, while k < 2t - s: each honest member reveals one share kind per peer,
+so reconstructing both ``b`` and ``s_sk`` of one member takes two sets of t shares that overlap
+only in colluders. t is the server's ``strategy.secagg.threshold`` (default a majority, most
+tolerant of dropouts, for which 2t - s is 1 or 2); a hospital demanding more sets
+``secagg-min-threshold`` (e.g. 0.75: t > 3s/4, then k < s/2). The server chooses buckets; a
+hospital that sets ``secagg-min-bucket=m`` is never in a bucket of fewer than m.
 Not covered: a server that invents members (Sybils) whose keys it holds -- adverts are signed,
 but peers do not yet pin each other's keys (``federation.hospital_keys`` is the server's).
 """
@@ -169,8 +172,9 @@ def _expect(pending: Pending, payload: object, stage: str, keys: set[str]) -> di
     return payload
 
 
-def share(pending: Pending, payload: object, min_bucket: int, bits: int) -> dict:
-    """Stage 1: check the bucket against the hospital's policy, then its encrypted shares.
+def share(pending: Pending, payload: object, min_bucket: int, bits: int, min_threshold: float = 0.5) -> dict:
+    """Stage 1: check the bucket against the hospital's policy (``secagg-min-bucket``,
+    ``secagg-min-threshold``: t must exceed that fraction of s), then its encrypted shares.
 
     Returns ``{"shares": {peer: base64 ciphertext}}``. Raises :class:`SecAggRefused`."""
     payload = _expect(pending, payload, "share", {"bucket", "threshold"})
@@ -192,8 +196,10 @@ def share(pending: Pending, payload: object, min_bucket: int, bits: int) -> dict
     if s < min_bucket:
         raise SecAggRefused(f"a bucket of {s} is smaller than this hospital's secagg-min-bucket={min_bucket}: the "
                             "server would learn a sum of too few updates")
-    if not (isinstance(t, int) and not isinstance(t, bool) and s / 2 < t <= s):
-        raise SecAggRefused(f"threshold {str(t)[:12]} must be a whole number in (s/2, s] = ({s / 2:g}, {s}]")
+    floor = max(0.5, min_threshold) * s
+    if not (isinstance(t, int) and not isinstance(t, bool) and floor < t <= s):
+        raise SecAggRefused(f"threshold {str(t)[:12]} must be a whole number in ({floor:g}, {s}] (more than "
+                            f"secagg-min-threshold={max(0.5, min_threshold):g} of the bucket's {s})")
     if s > max_bucket(bits):
         raise SecAggRefused(f"a bucket of {s} could overflow the 32-bit sum at {bits} bits")
     ctx = context(pending.run_id, pending.round)
