@@ -18,14 +18,37 @@ from carefl.hospital import HospitalReply, handle
 from carefl.replies import ArrayView, RawReply, dtype_name
 
 
-def raw_reply(node_id: int, reply: HospitalReply) -> RawReply:
-    """What the server would receive for ``reply`` (the ClientApp's three records)."""
+#: what Flower adds to an array's raw bytes (its numpy .npy header), in bytes
+NPY_HEADER_BYTES = 128
+
+
+def _value_bytes(value: object) -> int:
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    if isinstance(value, (list, tuple)):
+        return sum(_value_bytes(v) for v in value)
+    return 8  # numbers travel as 64 bits
+
+
+def message_bytes(config: Mapping[str, object], arrays: Mapping[str, Tensor]) -> int:
+    """A message's size counted as Flower's ``Record.count_bytes`` does: keys and text by
+    length, numbers as 8 bytes, arrays as their bytes plus the .npy header (128, an estimate
+    here). Written out because Flower 1.41's raises on an empty string; this never raises."""
+    size = sum(len(str(k)) + _value_bytes(v) for k, v in config.items())
+    return size + sum(len(k) + v.numel() * v.element_size() + NPY_HEADER_BYTES for k, v in arrays.items())
+
+
+def raw_reply(node_id: int, reply: HospitalReply, bytes_sent: int = 0) -> RawReply:
+    """What the server would receive for ``reply`` (the ClientApp's three records); ``bytes_sent``:
+    the size of the message it answers."""
     status = reply.status_record()
     arrays = None
     if reply.state is not None:
         arrays = {k: ArrayView(dtype_name(v), tuple(v.shape), v.numel() * v.element_size(), lambda v=v: v.clone())
                   for k, v in reply.state.items()}
-    return RawReply(node_id, status=status, metrics=dict(reply.metrics), arrays=arrays)
+    size = message_bytes({**status, **reply.metrics}, reply.state or {})
+    return RawReply(node_id, status=status, metrics=dict(reply.metrics), arrays=arrays, bytes_sent=bytes_sent,
+                    bytes_received=size)
 
 
 class LocalTransport:
@@ -52,5 +75,5 @@ class LocalTransport:
 
     def _send(self, node: int, kind: str, request: str, state: dict[str, Tensor], payload: str | None) -> RawReply:
         reply = handle(kind, request, state, {"partition-id": node - 1, "num-partitions": self.n}, payload)
-        raw = raw_reply(node, reply)
+        raw = raw_reply(node, reply, message_bytes({"request": request, **({"secagg": payload} if payload else {})}, state))
         return self.tamper(node, kind, raw) if self.tamper else raw

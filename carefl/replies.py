@@ -73,13 +73,17 @@ class ArrayView:
 @dataclass
 class RawReply:
     """A reply as the transport delivers it: the sending node, an error (the node failed), or
-    the three records a CareFL ClientApp sends (plain mappings; values not yet trusted)."""
+    the three records a CareFL ClientApp sends (plain mappings; values not yet trusted).
+    ``bytes_sent``: size of the message the server sent that node for it; ``bytes_received``:
+    size of this reply (both as Flower counts a message's records)."""
 
     node_id: int
     error: str | None = None
     status: Mapping[str, Any] | None = None
     metrics: Mapping[str, Any] | None = None
     arrays: Mapping[str, ArrayView] | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
 
 
 @dataclass

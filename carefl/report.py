@@ -107,6 +107,10 @@ class Report:
         """Server-side wall times of the round's phases (seconds); written with the next save."""
         self._round(server_round)["timing"] = dict(timing)
 
+    def add_wire(self, server_round: int, wire: dict[str, dict[str, int]]) -> None:
+        """Bytes sent to and received from each hospital in the round (``carefl.rounds.Wire``)."""
+        self._round(server_round)["wire"] = {h: dict(v) for h, v in wire.items()}
+
     def add_baselines(self, baselines: dict) -> None:
         self.data["baselines"] = baselines
 

@@ -210,8 +210,21 @@ def _server_key(cfg: DictConfig) -> SigningKey:
     return SigningKey.load_or_create(Path(str(path)).expanduser())
 
 
+class Wire(dict):
+    """One round's traffic per hospital, from the server's side: ``{hospital: {"bytes_sent":
+    B, "bytes_received": B}}`` summed over its messages (train, secure-aggregation stages,
+    evaluate), each as Flower counts a message's records; replies nobody could attribute to
+    a hospital are not counted."""
+
+    def count(self, name: str | None, raw: RawReply) -> None:
+        if name is not None:
+            record = self.setdefault(name, {"bytes_sent": 0, "bytes_received": 0})
+            record["bytes_sent"] += raw.bytes_sent
+            record["bytes_received"] += raw.bytes_received
+
+
 def _train_phase(transport: Transport, fed: Federation, request: str, nodes: list[int], server_round: int,
-                 seen: set[str]) -> tuple[list[TrainReply], dict[int, str]]:
+                 seen: set[str], wire: Wire) -> tuple[list[TrainReply], dict[int, str]]:
     """Collect and check the training replies; hospitals seen before that did not answer get
     a ``no-reply`` record. Returns (replies, node id -> hospital of the authenticated ones)."""
     cfg = fed.cfg
@@ -226,6 +239,7 @@ def _train_phase(transport: Transport, fed: Federation, request: str, nodes: lis
         if reply is None:
             log.warning("round %d: %s", server_round, why)
             continue
+        wire.count(reply.hospital, raw)
         replies.append(reply)
         names[raw.node_id] = reply.hospital
         if set(hospitals) <= ctx.answered:
@@ -239,7 +253,7 @@ def _train_phase(transport: Transport, fed: Federation, request: str, nodes: lis
 
 
 def _secagg_phase(transport: Transport, fed: Federation, request: str, replies: list[TrainReply],
-                  names: dict[int, str], server_round: int) -> list[SecureBucket]:
+                  names: dict[int, str], server_round: int, wire: Wire) -> list[SecureBucket]:
     """Secure aggregation of the round's ok replies: random buckets (``strategy.secagg.
     bucket_size``), then the share, mask and unmask stages, each one message per member
     (:mod:`carefl.secagg`). A member that does not answer a stage has dropped; every reply is
@@ -262,6 +276,7 @@ def _secagg_phase(transport: Transport, fed: Federation, request: str, replies: 
         answered = 0
         for raw in transport.exchange_each(MESSAGE_TYPE, payloads, request, server_round, timeout):
             name, payload, masked, why = check_secagg_reply(raw, names, fed.update_dim)
+            wire.count(name, raw)
             if not why:
                 why = owner[name].take_masked(name, masked) if take is None else take(owner[name], name, payload)
             if why:
@@ -272,12 +287,14 @@ def _secagg_phase(transport: Transport, fed: Federation, request: str, replies: 
     return [SecureBucket(b.members, b.u2, *b.result()) for b in buckets]
 
 
-def _eval_phase(transport: Transport, fed: Federation, request: str, names: dict[int, str], server_round: int) -> dict:
+def _eval_phase(transport: Transport, fed: Federation, request: str, names: dict[int, str], server_round: int,
+                wire: Wire) -> dict:
     cfg = fed.cfg
     evals: dict[str, dict] = {}
     for raw in transport.exchange(EVALUATE, sorted(names), request, fed.global_state, server_round,
                                   float(cfg.federation.round_timeout_s)):
         name, result = check_eval_reply(raw, names, metric_names(cfg.task))
+        wire.count(name, raw)
         if isinstance(result, str):
             log.warning("round %d: %s", server_round, result)
         elif name not in evals:
@@ -295,8 +312,10 @@ def _rounds(transport: Transport, fed: Federation, cfg: DictConfig, server_key: 
         nodes = sorted(transport.node_ids())  # hospitals that dropped out may be back
         head = sign_head(server_key, len(fed.ledger) - 1, fed.ledger.head)
         request = build_request(cfg, server_round, fed.run_id, head, simulation)
-        replies, names = _train_phase(transport, fed, request, nodes, server_round, seen)
-        buckets = _secagg_phase(transport, fed, request, replies, names, server_round) if cfg.strategy.secagg.enabled else None
+        wire = Wire()
+        replies, names = _train_phase(transport, fed, request, nodes, server_round, seen, wire)
+        buckets = (_secagg_phase(transport, fed, request, replies, names, server_round, wire)
+                   if cfg.strategy.secagg.enabled else None)
         trained = time.monotonic()
         try:
             summary = fed.aggregate(server_round, replies, buckets)
@@ -304,7 +323,8 @@ def _rounds(transport: Transport, fed: Federation, cfg: DictConfig, server_key: 
             log.warning("%s", stop)
             return "stopped", str(stop)
         aggregated = time.monotonic()
-        evals = _eval_phase(transport, fed, request, names, server_round)
+        evals = _eval_phase(transport, fed, request, names, server_round, wire)
+        fed.report.add_wire(server_round, wire)
         evaluated = time.monotonic()
         aggregate = fed.record_evaluation(server_round, evals)
         fed.checkpoint(server_round)

@@ -24,6 +24,7 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from carefl.config import compose_config
 from carefl.errors import CareFLError
+from carefl.local_transport import message_bytes
 from carefl.replies import ArrayView, RawReply
 from carefl.rounds import RunStopped, log, run_federation
 
@@ -49,14 +50,27 @@ def _view(array) -> ArrayView:
     return ArrayView(str(array.dtype), tuple(array.shape), len(array.data), lambda: torch.from_numpy(array.numpy()))
 
 
-def _raw(msg: Message) -> RawReply:
+def _size(content: RecordDict) -> int:
+    """Bytes of a message's records (arrays: their serialised bytes), counted as
+    :func:`carefl.local_transport.message_bytes` does; never raises, whatever a node sent."""
+    size = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            size += sum(len(k) + len(a.data) for k, a in record.items())
+        else:
+            size += message_bytes(dict(record), {})
+    return size
+
+
+def _raw(msg: Message, sent: int) -> RawReply:
     node = msg.metadata.src_node_id
     if msg.has_error():
-        return RawReply(node, error=str(msg.error.reason))
+        return RawReply(node, error=str(msg.error.reason), bytes_sent=sent)
     content = msg.content
     records = {name: dict(content[name]) for name in ("status", "metrics") if name in content}  # not yet trusted
     arrays = {k: _view(a) for k, a in content["arrays"].items()} if "arrays" in content else None
-    return RawReply(node, status=records.get("status"), metrics=records.get("metrics"), arrays=arrays)
+    return RawReply(node, status=records.get("status"), metrics=records.get("metrics"), arrays=arrays,
+                    bytes_sent=sent, bytes_received=_size(content))
 
 
 @contextlib.contextmanager
@@ -101,7 +115,9 @@ class FlowerTransport:
 
     def _push_pull(self, kind: str, messages: list[Message], server_round: int, timeout: float) -> Iterator[RawReply]:
         with _stopped_by_operator():
-            pending = {mid for mid in self.grid.push_messages(messages) if mid}
+            ids = list(self.grid.push_messages(messages))
+        sizes = {mid: _size(m.content) for mid, m in zip(ids, messages) if mid}
+        pending = set(sizes)
         deadline, pause = time.monotonic() + timeout, POLL_PAUSES_S[0]
         try:
             while pending and time.monotonic() < deadline:
@@ -109,7 +125,7 @@ class FlowerTransport:
                     pulled = list(self.grid.pull_messages(pending))
                 for msg in pulled:
                     pending.discard(msg.metadata.reply_to_message_id)
-                    yield _raw(msg)
+                    yield _raw(msg, sizes.get(msg.metadata.reply_to_message_id, 0))
                 if pending:
                     time.sleep(pause)
                     pause = min(2 * pause, POLL_PAUSES_S[1])

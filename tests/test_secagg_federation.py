@@ -79,6 +79,11 @@ def test_the_server_gets_the_exact_mean_and_never_an_update(tmp_path, updates):
             for levels_ in q.values():
                 assert not np.array_equal(y, levels_)
                 assert abs(np.corrcoef(y.astype(np.float64), levels_.astype(np.float64))[0, 1]) < 0.1
+    # the wire: each hospital sent its masked input (4 bytes a float) and little else
+    d = len(next(iter(updates.values())))
+    for traffic in metrics["rounds"][0]["wire"].values():
+        assert 4 * d < traffic["bytes_received"] < 4 * d * 1.2
+        assert traffic["bytes_sent"] > 2 * 4 * d  # the global model, to train and to evaluate
     # the global model moved by the mean of the clipped updates, to the quantisation step
     entry = _ledger(run_dir)[1]
     assert entry["secure_buckets"] == [{"members": entry["secure_buckets"][0]["members"],

@@ -169,7 +169,12 @@ def test_secure_aggregation_on_flowers_simulation_engine(tmp_path):
     proc = carefl_sim(tmp_path, "secagg=on", "federation.rounds=2", "federation.baselines=false")
     (run,) = _run_dirs(tmp_path)
     assert "round 2/2" in proc.stdout + proc.stderr
-    assert json.loads((run / "metrics.json").read_text())["status"] == "completed"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "completed"
+    model_bytes = sum(v.numel() * 4 for v in torch.load(run / "model_final.pt", weights_only=True).values())
+    for traffic in metrics["rounds"][0]["wire"].values():  # counted from Flower's own messages
+        assert model_bytes < traffic["bytes_received"] < 1.3 * model_bytes  # the masked input
+        assert traffic["bytes_sent"] > 2 * model_bytes
     entries = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
     for entry in entries[1:3]:
         (bucket,) = entry["secure_buckets"]
