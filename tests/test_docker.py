@@ -62,7 +62,7 @@ BASE_IMAGE = "local/bookworm-python:latest"
 HOSPITALS = ("st-mary", "riverside", "northfield")
 TINY_RUN = os.environ.get(
     "CAREFL_TEST_OVERRIDES",
-    "federation.rounds=2 federation.baselines=false data.n_train=16 data.n_test=8",
+    "federation.rounds=2 federation.baselines=false data.n_train=16 data.n_test=8 secagg=on",
 )
 TIMEOUT_S = float(os.environ.get("CAREFL_DOCKER_TIMEOUT_S", "900"))
 
@@ -266,6 +266,9 @@ def test_federation_runs_to_completion_and_writes_outputs(stack):
     if named:
         assert (outputs / named[-1] / "metrics.json") in found, (named, found)
     assert all(m.stat().st_size > 0 for m in found)
+    if "secagg=on" in TINY_RUN.split():  # secure aggregation across the containers: buckets in the ledger
+        rounds = [json.loads(line) for line in (found[-1].parent / "ledger.jsonl").read_text().splitlines()][1:-1]
+        assert rounds and all(sorted(e["secure_buckets"][0]["survivors"]) == sorted(HOSPITALS) for e in rounds), rounds
     # Every hospital took part and kept its privacy history in its host state folder.
     for hospital in HOSPITALS:
         assert re.search(rf"{hospital}\S*\s+\|.*SuperNode ID", logs), f"{hospital} never connected"

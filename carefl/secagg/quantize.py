@@ -67,7 +67,7 @@ def sum_problem(total: np.ndarray, mean: Tensor, count: int, bound: float, bits:
     if top > count * levels(bits):
         return (f"its secure sum has a coordinate ({top}) no {count} honest inputs can produce: a member "
                 "sent a masked input or shares outside the protocol")
-    norm = float(torch.linalg.vector_norm(mean, dtype=torch.float64))
+    norm = float(np.linalg.norm(mean.numpy()))  # BLAS nrm2: scaled, accurate to float32 rounding
     if norm > bound + math.sqrt(total.size) * bound / levels(bits) + 1e-6 * bound:
         return f"its mean has L2 norm {norm:.4g} > strategy.secagg.clip={bound:g}: a member sent an update it did not clip"
     return None
