@@ -48,61 +48,45 @@ def secure_round(keys, updates: dict[str, torch.Tensor], size: int, rule, bound:
     """One securely aggregated round; returns (server seconds, slowest hospital seconds, mean
     bytes a hospital sends, the aggregate)."""
     names, d = list(updates), next(iter(updates.values())).numel()
-    hospital = dict.fromkeys(names, 0.0)
-    server = 0.0
-    sent = dict.fromkeys(names, 0)
+    hospital, sent, server = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0), [0.0]
 
-    def at(name, fn, *args):
+    def at(name, fn, *args):  # hospital `name` computes
         start = time.process_time()
         out = fn(*args)
         hospital[name] += time.process_time() - start
+        return out
+
+    def served(fn, *args):  # the server computes
+        start = time.process_time()
+        out = fn(*args)
+        server[0] += time.process_time() - start
         return out
 
     pending, adverts = {}, {}
     for n in names:
         pending[n], adverts[n] = at(n, member.advertise, keys[n], "ab" * 32, 1, n, updates[n], bound, bits)
         sent[n] += len(json.dumps(adverts[n]))
-    start = time.process_time()
-    buckets = [coordinator.Bucket("ab" * 32, 1, {m: adverts[m] for m in ms}, d, bound, bits)
-               for ms in coordinator.plan_buckets(names, size, seed=1)]
-    share_requests = [b.share_requests() for b in buckets]
-    server += time.process_time() - start
-    for b, requests in zip(buckets, share_requests):
-        for m, req in requests.items():
+    buckets = served(lambda: [coordinator.Bucket("ab" * 32, 1, {m: adverts[m] for m in ms}, d, bound, bits)
+                              for ms in coordinator.plan_buckets(names, size, seed=1)])
+    for b in buckets:
+        for m, req in served(b.share_requests).items():
             reply = at(m, member.share, pending[m], req, 3, bits)
             sent[m] += len(json.dumps(reply))
-            start = time.process_time()
-            b.take_shares(m, reply)
-            server += time.process_time() - start
+            served(b.take_shares, m, reply)
     for b in buckets:
-        start = time.process_time()
-        requests = b.mask_requests()
-        server += time.process_time() - start
-        for m, req in requests.items():
+        for m, req in served(b.mask_requests).items():
             y = at(m, member.mask, pending[m], req)
             sent[m] += y.nbytes
-            start = time.process_time()
-            b.take_masked(m, torch.from_numpy(y.view(np.int32)))
-            server += time.process_time() - start
+            served(b.take_masked, m, torch.from_numpy(y.view(np.int32)))
     means = []
     for b in buckets:
-        start = time.process_time()
-        requests = b.unmask_requests()
-        server += time.process_time() - start
-        for m, req in requests.items():
+        for m, req in served(b.unmask_requests).items():
             reply = at(m, member.unmask, pending[m], req)
             sent[m] += len(json.dumps(reply))
-            start = time.process_time()
-            b.take_unmask(m, reply)
-            server += time.process_time() - start
-        start = time.process_time()
-        means.append(b.result()[0])
-        server += time.process_time() - start
-    start = time.process_time()
-    rows = torch.stack(means)
-    result = rule(rows, torch.ones(len(means)))
-    server += time.process_time() - start
-    return server, max(hospital.values()), statistics.mean(sent.values()), result.update
+            served(b.take_unmask, m, reply)
+        means.append(served(b.result)[0])
+    result = served(lambda: rule(torch.stack(means), torch.ones(len(means))))
+    return server[0], max(hospital.values()), statistics.mean(sent.values()), result.update
 
 
 def plain_round(updates: dict[str, torch.Tensor], rule) -> float:

@@ -78,6 +78,15 @@ def test_bench_scaling_tiny_writes_time_and_memory(tmp_path):
     assert row["vs_linear"] == pytest.approx(1.0)
 
 
+def test_bench_secagg_tiny_times_both_sides_and_sends_one_masked_update(tmp_path):
+    (row,) = _run("bench_secagg.py", out=tmp_path / "sa.json")
+    assert row["buckets"] == 3
+    for key in ("secure_server_s", "plain_median_s", "hospital_s", "ratio"):
+        assert _positive(row[key]), (key, row[key])
+    # a masked input is as large as a float32 update; adverts and shares add little
+    assert row["plain_update_bytes"] < row["hospital_sends_bytes"] < 1.3 * row["plain_update_bytes"]
+
+
 # ---- fixes found by bench_overhead -------------------------------------------------------
 
 

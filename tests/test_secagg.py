@@ -32,17 +32,19 @@ def _start(keys, names, scale=0.05, seed=0):
     return updates, pending, coordinator.Bucket(RUN, ROUND, adverts, D, C, BITS)
 
 
-def _run(bucket, pending, drop_share=(), drop_mask=(), drop_unmask=(), min_bucket=3):
+def _run(bucket, pending, drop_share=(), drop_mask=(), drop_unmask=(), min_bucket=3,
+         masked=lambda n, y: y, revealed=lambda n, reply: reply):
+    """All stages; ``masked``/``revealed`` may replace what member n sends (a hostile one)."""
     for n, request in bucket.share_requests().items():
         if n not in drop_share:
             assert bucket.take_shares(n, member.share(pending[n], request, min_bucket, BITS)) is None
     for n, request in bucket.mask_requests().items():
         if n not in drop_mask:
-            y = member.mask(pending[n], request)
+            y = masked(n, member.mask(pending[n], request))
             assert bucket.take_masked(n, torch.from_numpy(y.view(np.int32))) is None
     for n, request in bucket.unmask_requests().items():
         if n not in drop_unmask:
-            assert bucket.take_unmask(n, member.unmask(pending[n], request)) is None
+            assert bucket.take_unmask(n, revealed(n, member.unmask(pending[n], request))) is None
     return bucket.result()
 
 
@@ -137,34 +139,21 @@ def test_a_server_that_swaps_a_hospitals_own_keys_is_refused(keys, tmp_path):
 
 
 def test_a_hostile_hospital_spoils_at_most_its_own_bucket_within_the_clip(keys):
-    names = ["h0", "h1", "h2"]
-    _, pending, bucket = _start(keys, names)
-    for n, request in bucket.share_requests().items():
-        bucket.take_shares(n, member.share(pending[n], request, 3, BITS))
-    for n, request in bucket.mask_requests().items():
-        y = member.mask(pending[n], request)
-        if n == "h1":  # adds a huge value to every coordinate of its masked input
-            y = y + np.uint32(2**31)
-        bucket.take_masked(n, torch.from_numpy(y.view(np.int32)))
-    for n, request in bucket.unmask_requests().items():
-        bucket.take_unmask(n, member.unmask(pending[n], request))
-    mean, why = bucket.result()
+    _, pending, bucket = _start(keys, ["h0", "h1", "h2"])
+    # h1 adds a huge value to every coordinate of its masked input
+    mean, why = _run(bucket, pending, masked=lambda n, y: y + np.uint32(2**31) if n == "h1" else y)
     assert mean is None and ("no 3 honest inputs" in why or "clip" in why)
 
 
 def test_bad_shares_are_caught_by_the_commitment(keys):
-    names = ["h0", "h1", "h2"]
-    _, pending, bucket = _start(keys, names)
-    for n, request in bucket.share_requests().items():
-        bucket.take_shares(n, member.share(pending[n], request, 3, BITS))
-    for n, request in bucket.mask_requests().items():
-        bucket.take_masked(n, torch.from_numpy(member.mask(pending[n], request).view(np.int32)))
-    for n, request in bucket.unmask_requests().items():
-        reply = member.unmask(pending[n], request)
+    _, pending, bucket = _start(keys, ["h0", "h1", "h2"])
+
+    def forged(n, reply):  # h0 sends a made-up share of h2's self-mask seed
         if n == "h0":
             reply["b"]["h2"] = member.b64(bytes(32))
-        bucket.take_unmask(n, reply)
-    mean, why = bucket.result()
+        return reply
+
+    mean, why = _run(bucket, pending, revealed=forged)
     assert mean is None and "committed" in why
 
 
