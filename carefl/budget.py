@@ -28,6 +28,7 @@ hospital's service account; docs/SECURITY.md lists this as a residual risk.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import time
@@ -44,6 +45,12 @@ HISTORY_FILE = "privacy_history.json"
 LOCK_FILE = ".lock"
 #: how long a round waits for another process holding the state dir (seconds)
 LOCK_WAIT_S = 900.0
+
+
+def run_file(state_dir: str | os.PathLike, folder: str, run_id: str) -> Path:
+    """``<state_dir>/<folder>/<16 hex of sha256(run_id)>.pt``: a hospital's per-run working file
+    (secure aggregation's round in progress, top-k's error feedback), one per run."""
+    return Path(state_dir) / folder / f"{hashlib.sha256(run_id.encode()).hexdigest()[:16]}.pt"
 
 
 @contextmanager

@@ -383,6 +383,17 @@ def _check_data(cfg: DictConfig, side: tuple[int, int]) -> None:
             )
 
 
+def _check_compression(cfg: DictConfig) -> None:
+    """``compression`` (conf/compression/): what a hospital sends (carefl/compression.py)."""
+    from carefl.compression import METHODS
+
+    if "compression" not in cfg:
+        raise ConfigError("compression is missing; compose the config from conf/ (compression=none)")
+    _choice(cfg, "compression.name", METHODS)
+    _integer(cfg, "compression.block", 16, 65536, 256)
+    _number(cfg, "compression.fraction", 0, 1, 0.01)
+
+
 def _check_secagg(cfg: DictConfig, n: int) -> int:
     """``strategy.secagg`` (conf/secagg/); returns the rows the robust rule sees a round: the
     number of secure buckets, or ``n`` without secure aggregation."""
@@ -404,6 +415,10 @@ def _check_secagg(cfg: DictConfig, n: int) -> int:
     _require(largest <= max_bucket(bits),
              f"strategy.secagg.bits={bits} lets a bucket hold at most {max_bucket(bits)} hospitals (the 32-bit sum must "
              f"not wrap) but one may hold {largest}; lower strategy.secagg.bits or set strategy.secagg.bucket_size")
+    _require(_get(cfg, "compression.name") == "none",
+             f"compression={_get(cfg, 'compression.name')} cannot be used with secagg=on: masks are added in a ring, "
+             "so per-hospital float16 values, int8 scales or top-k indices do not add up inside a masked sum "
+             "(secure aggregation quantises updates itself); drop one of the two")
     attack = str(cfg.attack.get("name", "none"))
     _require(attack in ("none", "labelflip"),
              f"attack={attack} replaces updates on the server, which under secure aggregation never sees one; "
@@ -436,6 +451,7 @@ def validate(cfg: DictConfig) -> None:
         _integer(cfg, "personalization.epochs", 1, 1000, 2)
     from carefl.robust import check_assumptions  # local: robust imports torch-heavy code
 
+    _check_compression(cfg)
     rows = _check_secagg(cfg, n)
     check_assumptions(cfg.strategy, rows, "hospitals" if rows == n and not cfg.strategy.secagg.enabled else
                       f"secure buckets of strategy.secagg.bucket_size={cfg.strategy.secagg.bucket_size} among {n} hospitals")

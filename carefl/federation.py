@@ -128,7 +128,8 @@ class Federation:
         accepted = [r for r in replies if r.status == "ok"]
         if buckets is None:
             hospitals = list(self.cfg.federation.hospitals)
-            updates = robust.flatten_updates([r.state for r in accepted], self.global_state)
+            updates = (torch.stack([r.update for r in accepted]) if accepted and accepted[0].update is not None
+                       else robust.flatten_updates([r.state for r in accepted], self.global_state))
             if self.byzantine and accepted:
                 rows = [i for i, r in enumerate(accepted) if r.hospital in hospitals and hospitals.index(r.hospital) in self.byzantine]
                 updates = attacks.apply_update_attack(self.cfg.attack, updates, rows, self.generator)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from carefl import attacks, budget, privacy, robust
+from carefl import attacks, budget, compression, privacy, robust
 from carefl.checkpoint import atomic_save, atomic_write_text
 from carefl.data import load_hospital
 from carefl.data.card import shared_figures
@@ -232,6 +232,8 @@ def train_round(request: Request, policy: SitePolicy, global_state: dict[str, to
         try:
             admit(policy, request)
             reply, history = _train_locked(request, policy, global_state, key, receipts)
+            if reply.status == "ok" and request.config.compression.name != "none":
+                _compress(request, policy, reply, global_state)
         except (CareFLError, RuntimeError) as err:  # RuntimeError: load_state_dict of a foreign model
             reply, history = _refusal(policy.hospital, TRAIN, err), None
         reply.metrics["train_seconds"] = time.perf_counter() - start
@@ -240,6 +242,25 @@ def train_round(request: Request, policy: SitePolicy, global_state: dict[str, to
         if request.config.strategy.secagg.enabled and reply.status == "ok":
             _advertise(request, policy, key, reply, global_state)
     return reply
+
+
+def _compress(request: Request, policy: SitePolicy, reply: HospitalReply, global_state) -> None:
+    """Replace the reply's weights by the compressed update (``compression``); top-k's error
+    feedback (what it did not send) stays in ``<state-dir>/compression/``, added to the next
+    round's update of this run. The receipt then signs the payload sent."""
+    spec = request.config.compression
+    update = robust.flatten_updates([reply.state], global_state)[0]
+    path = budget.run_file(policy.state_dir, "compression", request.run_id)
+    residual = torch.load(path, weights_only=True) if spec.name == "topk" and path.is_file() else None
+    if residual is not None and residual.shape != update.shape:
+        residual = None  # another model under the same run id cannot happen; a stale file is dropped
+    try:
+        reply.state, residual = compression.encode(update, spec.name, int(spec.block), float(spec.fraction), residual)
+    except ValueError as err:
+        raise ConfigError(f"compression={spec.name}: {err}") from None
+    if residual is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save(residual, path)
 
 
 def _advertise(request: Request, policy: SitePolicy, key: SigningKey, reply: HospitalReply, global_state) -> None:

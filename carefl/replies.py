@@ -38,7 +38,7 @@ from typing import Any
 
 from torch import Tensor
 
-from carefl import robust
+from carefl import compression, robust
 from carefl.ledger import hash_state_dict
 from carefl.tasks import UNBOUNDED
 from carefl.receipts import receipt_problem
@@ -104,6 +104,8 @@ class TrainReply:
     receipt: dict | None = None
     node_id: int | None = None
     advert: dict | None = None
+    #: the decoded update (float32 (d,)) of a compressed reply, instead of ``state``
+    update: Tensor | None = None
 
 
 @dataclass
@@ -127,6 +129,8 @@ class RoundContext:
     #: d of the flattened update when the round is securely aggregated (an ok reply then
     #: carries a signed advert instead of weights), else None
     secagg_dim: int | None = None
+    #: ``(name, block, fraction)`` of ``compression`` when replies carry compressed updates
+    compression: tuple[str, int, float] | None = None
 
 
 def _text(record: Mapping[str, Any], key: str, limit: int) -> str | None:
@@ -222,6 +226,8 @@ def check_train_reply(raw: RawReply, ctx: RoundContext) -> tuple[TrainReply | No
         return reply, ""
     if ctx.secagg_dim is not None:
         return _with_advert(reply, raw, status, ctx)
+    if ctx.compression is not None:
+        return _with_payload(reply, raw, ctx)
     problem = _arrays_problem(raw.arrays, ctx.global_state)
     if problem is None:
         try:
@@ -236,6 +242,34 @@ def check_train_reply(raw: RawReply, ctx: RoundContext) -> tuple[TrainReply | No
         reply.reason = problem if problem.startswith("hospital ") else f"{name}: {problem}"
         return reply, ""
     reply.status, reply.reason, reply.state = "ok", "", state
+    return reply, ""
+
+
+def _with_payload(reply: TrainReply, raw: RawReply, ctx: RoundContext) -> tuple[TrainReply, str]:
+    """An ok reply with a compressed update (:mod:`carefl.compression`): its declared arrays
+    are the method's layout (checked before loading), its loaded values decode safely, and
+    they are the payload its receipt signs."""
+    method, block, fraction = ctx.compression
+    d = sum(v.numel() for k, v in ctx.global_state.items() if k in set(robust.float_keys(ctx.global_state)))
+    arrays = raw.arrays if isinstance(raw.arrays, Mapping) else {}
+    declared = {k: (v.dtype, tuple(v.shape)) for k, v in arrays.items()}
+    problem = compression.declared_problem(declared, method, d, block, fraction) if arrays else "an ok reply without its update"
+    if problem is None and any(v.nbytes > 8 * d + NPY_HEADER_SLACK for v in arrays.values()):
+        problem = "a payload array is larger than its declared shape"
+    if problem is None:
+        try:
+            payload = {k: v.load() for k, v in arrays.items()}
+        except Exception as err:  # a malformed .npy payload: whatever numpy raises
+            problem = f"its compressed update cannot be read ({type(err).__name__})"
+        else:
+            problem = compression.loaded_problem(payload, method, d)
+            if problem is None and hash_state_dict(payload) != reply.receipt["update_hash"]:
+                problem = "the update sent is not the one its receipt signs (update_hash)"
+    if problem:
+        reply.reason = f"{reply.hospital}: {problem}"
+        return reply, ""
+    reply.status, reply.reason = "ok", ""
+    reply.update = compression.decode(payload, method, d, block)
     return reply, ""
 
 

@@ -112,6 +112,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
                  # what a hospital needs of secure aggregation (the buckets are the server's)
                  "secagg": {"enabled": Field("bool"), "clip": Field("float", 1e-12, 1e6), "bits": Field("int", 8, 24)}},
     "personalization": {"name": Field("name"), "epochs": Field("int", 0, 10**4)},
+    "compression": {"name": Field("name"), "block": Field("int", 16, 65536), "fraction": Field("float", 1e-9, 1.0)},
 }
 
 #: what only a simulated hospital accepts (the simulation's stand-in for its operator)

@@ -120,6 +120,8 @@ def _saved_config(run_dir: Path, given: str) -> DictConfig:
             raise ConfigError(f"it lacks {missing}, so it is not a CareFL run's config")
         if "personalization" not in cfg:  # a run from before personalization existed
             cfg.personalization = {"name": "none", "epochs": 0}
+        if "compression" not in cfg:  # ... or before compression
+            cfg.compression = {"name": "none", "block": 256, "fraction": 0.01}
         if "secagg" not in cfg.strategy:  # ... or before secure aggregation
             cfg.strategy.secagg = {"enabled": False, "bucket_size": None, "clip": 10.0, "bits": 22, "threshold": 0.5}
         validate(cfg)
@@ -231,7 +233,9 @@ def _train_phase(transport: Transport, fed: Federation, request: str, nodes: lis
     hospitals, timeout = list(cfg.federation.hospitals), float(cfg.federation.round_timeout_s)
     ctx = RoundContext(hospitals, fed.run_id, server_round, fed.global_state, fed.model_hash,
                        bool(cfg.privacy.enabled), fed.hospital_keys,
-                       secagg_dim=fed.update_dim if cfg.strategy.secagg.enabled else None)
+                       secagg_dim=fed.update_dim if cfg.strategy.secagg.enabled else None,
+                       compression=None if cfg.compression.name == "none" else
+                       (str(cfg.compression.name), int(cfg.compression.block), float(cfg.compression.fraction)))
     replies, names = [], {}
     stream = transport.exchange(TRAIN, nodes, request, fed.global_state, server_round, timeout)
     for raw in stream:

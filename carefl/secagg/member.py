@@ -38,7 +38,6 @@ but peers do not yet pin each other's keys (``federation.hospital_keys`` is the 
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -48,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from carefl.budget import run_file
 from carefl.checkpoint import atomic_save
 from carefl.errors import CareFLError
 from carefl.receipts import SigningKey, verify_signature
@@ -144,7 +144,7 @@ class Pending:
 
 def pending_path(state_dir: Path, run_id: str) -> Path:
     """Where a hospital keeps the round in progress of run ``run_id`` (one per run)."""
-    return Path(state_dir) / "secagg" / f"{hashlib.sha256(run_id.encode()).hexdigest()[:16]}.pt"
+    return run_file(state_dir, "secagg", run_id)
 
 
 def advertise(key: SigningKey, run_id: str, server_round: int, hospital: str, update: Tensor, bound: float,
