@@ -87,6 +87,13 @@ def test_bench_secagg_tiny_times_both_sides_and_sends_one_masked_update(tmp_path
     assert row["plain_update_bytes"] < row["hospital_sends_bytes"] < 1.3 * row["plain_update_bytes"]
 
 
+def test_bench_compression_tiny_counts_fewer_bytes_for_every_option(tmp_path):
+    rows = {r["option"]: r for r in _run("bench_compression.py", out=tmp_path / "c.json")}
+    assert set(rows) == {"none", "float16", "int8", "topk"}
+    assert all(r["status"] == "completed" and 0 <= r["final_dice"] <= 1 for r in rows.values())
+    assert rows["none"]["reduction"] == 1 < rows["float16"]["reduction"] < rows["int8"]["reduction"] < rows["topk"]["reduction"]
+
+
 # ---- fixes found by bench_overhead -------------------------------------------------------
 
 
