@@ -211,7 +211,7 @@ def _check_federation(cfg: DictConfig) -> int:
 
 def _check_trust(cfg: DictConfig) -> None:
     """Update-norm bounds, simulated site policies, registered hospital keys, the server key."""
-    from carefl.receipts import _is_b64  # local: cryptography is only needed here
+    from carefl.receipts import is_b64  # local: cryptography is only needed here
     from carefl.site import NODE_KEYS
 
     _number(cfg, "federation.max_update_norm", 0, None, 100.0, nullable=True)
@@ -227,7 +227,7 @@ def _check_trust(cfg: DictConfig) -> None:
     _require(isinstance(keys, (DictConfig, dict)), "federation.hospital_keys must be a mapping hospital -> public key")
     for name, key in keys.items():
         _require(name in hospitals, f"federation.hospital_keys.{name}: {name} is not in federation.hospitals")
-        _require(_is_b64(key, 32), f"federation.hospital_keys.{name}={_show(key)} is not a base64 Ed25519 public key; "
+        _require(is_b64(key, 32), f"federation.hospital_keys.{name}={_show(key)} is not a base64 Ed25519 public key; "
                  "register what `carefl-keygen STATE_DIR` prints on the hospital")
     server_key = _get(cfg, "federation.server_key")
     _require(server_key is None or isinstance(server_key, str),

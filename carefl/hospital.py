@@ -297,7 +297,7 @@ def secagg_stage(request: Request, policy: SitePolicy, payload_text: Any) -> Hos
             reply = HospitalReply(policy.hospital, "ok", "", metrics={"num_examples": float(len(pending.levels))})
             if stage == "share":
                 reply.secagg = member.share(pending, payload, policy.secagg_min_bucket, int(request.config.strategy.secagg.bits),
-                                            policy.secagg_min_threshold)
+                                            policy.secagg_min_threshold, policy.secagg_peer_keys)
             elif stage == "mask":
                 reply.state = {"masked": torch.from_numpy(member.mask(pending, payload).view(np.int32))}
                 reply.secagg = {}

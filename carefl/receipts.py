@@ -136,7 +136,7 @@ class SigningKey:
         return base64.b64encode(self._private.sign(canonical_json(payload).encode("utf-8"))).decode("ascii")
 
 
-def _is_b64(value: Any, size: int) -> bool:
+def is_b64(value: Any, size: int) -> bool:
     """Whether ``value`` is the canonical standard base64 of exactly ``size`` bytes."""
     if not isinstance(value, str) or len(value) != 4 * -(-size // 3):
         return False
@@ -153,7 +153,7 @@ def verify_signature(public_b64: str, payload: Mapping, signature_b64: str) -> b
     False on any malformed input (non-canonical base64, wrong lengths, a payload that is not
     JSON-serialisable); never raises.
     """
-    if not (_is_b64(public_b64, 32) and _is_b64(signature_b64, 64)):
+    if not (is_b64(public_b64, 32) and is_b64(signature_b64, 64)):
         return False
     try:
         message = canonical_json(payload).encode("utf-8")
@@ -190,7 +190,7 @@ def head_problem(signed: Any) -> str | None:
     if not isinstance(signed, dict) or set(signed) != set(HEAD_KEYS):
         return f"a signed head must be an object with exactly the keys {list(HEAD_KEYS)}"
     bad = [k for k, ok in (("index", _is_int(signed["index"], 0)), ("hash", _is_hex(signed["hash"])),
-                           ("public_key", _is_b64(signed["public_key"], 32))) if not ok]
+                           ("public_key", is_b64(signed["public_key"], 32))) if not ok]
     if bad:
         return f"bad value for {bad} in the signed head"
     if not verify_signature(signed["public_key"], {"index": signed["index"], "hash": signed["hash"]},
@@ -211,7 +211,7 @@ def _fields_problem(fields: dict) -> str | None:
         "num_examples": _is_int(fields["num_examples"], 0),
         "epsilon": eps is None or (isinstance(eps, float) and math.isfinite(eps) and eps >= 0),
         "history_hash": fields["history_hash"] is None or _is_hex(fields["history_hash"]),
-        "public_key": _is_b64(fields["public_key"], 32),
+        "public_key": is_b64(fields["public_key"], 32),
     }
     bad = [key for key, ok in checks.items() if not ok]
     if bad:

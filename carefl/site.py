@@ -43,6 +43,10 @@ key                    meaning (default)
 ``secagg-min-threshold``  the least fraction of a bucket whose shares must be needed to
                        unmask (t > fraction * s), in [0.5, 1); higher resists more colluders
                        under an active server and tolerates fewer dropouts (0.5)
+``secagg-peer-keys``   a YAML/JSON file ``{hospital: base64 Ed25519 public key}`` (what each
+                       prints with ``carefl-keygen``): then it joins a secure bucket only if
+                       every member is listed and signed its advert with that key, so the
+                       server cannot fill its bucket with members it invented (none)
 ``site-policy``        a YAML file holding any of the keys above
 =====================  ======================================================================
 
@@ -65,7 +69,7 @@ from typing import Any, Mapping
 import yaml
 
 from carefl.errors import ConfigError
-from carefl.receipts import KEY_FILE
+from carefl.receipts import KEY_FILE, is_b64
 from carefl.request import NAME, Request
 
 #: keys Flower's simulation engine sets itself
@@ -80,7 +84,7 @@ NODE_KEYS = (
     "hospital", "data-path", "state-dir", "require-dp", "epsilon-cap", "delta", "max-local-epochs",
     "max-batch-size", "max-rounds", "allowed-models", "allowed-tasks", "torch-threads", "key-file", "cache-dir",
     "max-bad-files", "share-data-card", "require-secagg", "secagg-min-bucket",
-    "secagg-min-threshold", "site-policy",
+    "secagg-min-threshold", "secagg-peer-keys", "site-policy",
 )
 #: what a real SuperNode must set itself (no default, never from the server)
 REQUIRED = ("hospital", "data-path", "state-dir", "epsilon-cap", "delta")
@@ -119,6 +123,7 @@ class SitePolicy:
     require_secagg: bool
     secagg_min_bucket: int
     secagg_min_threshold: float
+    secagg_peer_keys: dict[str, str] | None = None
 
 
 def _policy_file(path: str) -> dict[str, Any]:
@@ -153,6 +158,23 @@ def _flag(values: dict, key: str) -> bool:
     if str(value).lower() in ("true", "false"):
         return str(value).lower() == "true"
     raise ConfigError(f"{key}={value!r} in {source} must be true or false")
+
+
+def _peer_keys(values: dict) -> dict[str, str] | None:
+    """``secagg-peer-keys``: the file's {hospital: base64 Ed25519 public key}, checked."""
+    if "secagg-peer-keys" not in values:
+        return None
+    path, source = values["secagg-peer-keys"]
+    try:
+        keys = yaml.safe_load(Path(str(path)).expanduser().read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"secagg-peer-keys={path} in {source} cannot be read ({err}); point it at a YAML/JSON file "
+                          "of {hospital: public key}") from None
+    if not isinstance(keys, dict) or not keys or any(
+            not isinstance(k, str) or NAME.fullmatch(k) is None or not is_b64(v, 32) for k, v in keys.items()):
+        raise ConfigError(f"secagg-peer-keys={path} in {source} must map hospital names to base64 Ed25519 public keys "
+                          "(44 characters, as carefl-keygen prints them)")
+    return dict(keys)
 
 
 def _names(values: dict, key: str) -> tuple[str, ...] | None:
@@ -268,7 +290,7 @@ def read_policy(node_config: Mapping[str, Any], request: Request) -> SitePolicy:
         allowed_tasks=_names(values, "allowed-tasks"), torch_threads=threads, key_file=key_file,
         cache_dir=cache_dir, max_bad_files=max_bad, share_data_card=_flag(values, "share-data-card"),
         require_secagg=_flag(values, "require-secagg"), secagg_min_bucket=min_bucket,
-        secagg_min_threshold=min_threshold,
+        secagg_min_threshold=min_threshold, secagg_peer_keys=_peer_keys(values),
     )
 
 

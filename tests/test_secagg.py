@@ -195,3 +195,32 @@ def test_a_hospital_demanding_a_higher_threshold_refuses_a_majority_one(keys):
     bucket.fraction = 0.75  # strategy.secagg.threshold=0.75: t = 4
     assert bucket.threshold == 4
     assert "shares" in member.share(pending["h0"], bucket.share_requests()["h0"], 3, BITS, min_threshold=0.75)
+
+
+def test_with_pinned_peer_keys_a_member_the_server_invented_is_refused(keys, tmp_path):
+    """The server adds a member whose signing key it holds (a Sybil): a hospital that pins its
+    peers' keys (secagg-peer-keys) refuses the bucket; the real bucket passes."""
+    names = ["h0", "h1", "h2"]
+    _, pending, bucket = _start(keys, names)
+    pinned = {n: keys[n].public_b64 for n in names}
+    sybil_key = SigningKey.load_or_create(tmp_path / "sybil.pem")
+    sybil = member.advertise(sybil_key, RUN, ROUND, "h3", torch.zeros(D), C, BITS)[1]
+    request = bucket.share_requests()["h0"]
+    with_sybil = {**request, "bucket": [*request["bucket"], sybil], "threshold": 3}
+    with pytest.raises(SecAggRefused, match=r"\['h3'\].*secagg-peer-keys"):
+        member.share(copy.deepcopy(pending["h0"]), with_sybil, 3, BITS, peer_keys=pinned)
+    assert "shares" in member.share(pending["h0"], request, 3, BITS, peer_keys=pinned)
+
+
+def test_peer_keys_come_from_the_hospitals_own_file(tmp_path, keys):
+    from carefl.errors import ConfigError
+    from carefl.site import _peer_keys
+
+    good = tmp_path / "peers.yaml"
+    good.write_text(f"h0: {keys['h0'].public_b64}\nh1: {keys['h1'].public_b64}\n")
+    assert _peer_keys({"secagg-peer-keys": (str(good), "the node config")}) == {
+        "h0": keys["h0"].public_b64, "h1": keys["h1"].public_b64}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("h0: not-a-key\n")
+    with pytest.raises(ConfigError, match="secagg-peer-keys"):
+        _peer_keys({"secagg-peer-keys": (str(bad), "the node config")})

@@ -31,8 +31,9 @@ only in colluders. t is the server's ``strategy.secagg.threshold`` (default a ma
 tolerant of dropouts, for which 2t - s is 1 or 2); a hospital demanding more sets
 ``secagg-min-threshold`` (e.g. 0.75: t > 3s/4, then k < s/2). The server chooses buckets; a
 hospital that sets ``secagg-min-bucket=m`` is never in a bucket of fewer than m.
-Not covered: a server that invents members (Sybils) whose keys it holds -- adverts are signed,
-but peers do not yet pin each other's keys (``federation.hospital_keys`` is the server's).
+Members the server invents (Sybils whose keys it holds) are kept out only by a hospital that
+lists its peers' signing keys (``secagg-peer-keys``): each advert is signed with its
+hospital's Ed25519 key, so an invented member has no listed key to sign with.
 """
 
 from __future__ import annotations
@@ -172,9 +173,11 @@ def _expect(pending: Pending, payload: object, stage: str, keys: set[str]) -> di
     return payload
 
 
-def share(pending: Pending, payload: object, min_bucket: int, bits: int, min_threshold: float = 0.5) -> dict:
+def share(pending: Pending, payload: object, min_bucket: int, bits: int, min_threshold: float = 0.5,
+          peer_keys: dict[str, str] | None = None) -> dict:
     """Stage 1: check the bucket against the hospital's policy (``secagg-min-bucket``,
-    ``secagg-min-threshold``: t must exceed that fraction of s), then its encrypted shares.
+    ``secagg-min-threshold``: t must exceed that fraction of s; ``secagg-peer-keys``: every
+    member listed there and its advert signed with that key), then its encrypted shares.
 
     Returns ``{"shares": {peer: base64 ciphertext}}``. Raises :class:`SecAggRefused`."""
     payload = _expect(pending, payload, "share", {"bucket", "threshold"})
@@ -190,6 +193,10 @@ def share(pending: Pending, payload: object, min_bucket: int, bits: int, min_thr
     s = len(bucket)
     if len(set(names)) != s or len({a["c_pk"] for a in bucket}) != s or len({a["s_pk"] for a in bucket}) != s:
         raise SecAggRefused("a bucket names a member twice or repeats a key")
+    unknown = [a["hospital"] for a in bucket if peer_keys is not None and peer_keys.get(a["hospital"]) != a["public_key"]]
+    if unknown:
+        raise SecAggRefused(f"bucket members {sorted(unknown)[:5]} are not in this hospital's secagg-peer-keys with the "
+                            "key their adverts are signed with: the server may have invented them")
     mine = [a for a in bucket if a["hospital"] == pending.hospital]
     if not mine or (unb64(mine[0]["c_pk"]), unb64(mine[0]["s_pk"])) != (crypto.public_of(pending.c_sk), crypto.public_of(pending.s_sk)):
         raise SecAggRefused(f"the bucket does not hold {pending.hospital} with the keys it advertised")
