@@ -64,7 +64,7 @@ def layout(method: str, d: int, block: int, fraction: float) -> dict[str, tuple[
     raise ValueError(f"compression {method!r} has no payload; choose one of {METHODS[1:]}")
 
 
-def encode(update: Tensor, method: str, block: int = 256, fraction: float = 0.01,
+def encode(update: Tensor, method: str, block: int = 256, fraction: float = 0.1,
            residual: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor | None]:
     """``(payload, new residual)`` of ``update`` float32 (d,); the residual is top-k's only.
 

@@ -121,7 +121,7 @@ def _saved_config(run_dir: Path, given: str) -> DictConfig:
         if "personalization" not in cfg:  # a run from before personalization existed
             cfg.personalization = {"name": "none", "epochs": 0}
         if "compression" not in cfg:  # ... or before compression
-            cfg.compression = {"name": "none", "block": 256, "fraction": 0.01}
+            cfg.compression = {"name": "none", "block": 256, "fraction": 0.1}
         if "secagg" not in cfg.strategy:  # ... or before secure aggregation
             cfg.strategy.secagg = {"enabled": False, "bucket_size": None, "clip": 10.0, "bits": 22, "threshold": 0.5}
         validate(cfg)
