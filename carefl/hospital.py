@@ -294,7 +294,7 @@ def secagg_stage(request: Request, policy: SitePolicy, payload_text: Any) -> Hos
             stage = payload.get("stage") if isinstance(payload, dict) else None
             if pending.round != request.round or stage not in ("share", "mask", "unmask"):
                 raise member.SecAggRefused(f"expected a share, mask or unmask stage of round {pending.round}")
-            reply = HospitalReply(policy.hospital, "ok", "", metrics={"num_examples": float(len(pending.levels))})
+            reply = HospitalReply(policy.hospital, "ok", "")
             if stage == "share":
                 reply.secagg = member.share(pending, payload, policy.secagg_min_bucket, int(request.config.strategy.secagg.bits),
                                             policy.secagg_min_threshold, policy.secagg_peer_keys)
@@ -303,9 +303,9 @@ def secagg_stage(request: Request, policy: SitePolicy, payload_text: Any) -> Hos
                 reply.secagg = {}
             else:
                 reply.secagg = member.unmask(pending, payload)
-        except CareFLError:
+        except (CareFLError, ValueError) as err:  # ValueError: a payload the crypto refuses
             path.unlink()
-            raise
+            raise err if isinstance(err, CareFLError) else member.SecAggRefused(f"secure aggregation: {err}") from None
         if pending.stage == "done":
             path.unlink()
         else:

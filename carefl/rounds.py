@@ -281,6 +281,8 @@ def _secagg_phase(transport: Transport, fed: Federation, request: str, replies: 
         for raw in transport.exchange_each(MESSAGE_TYPE, payloads, request, server_round, timeout):
             name, payload, masked, why = check_secagg_reply(raw, names, fed.update_dim)
             wire.count(name, raw)
+            if not why and name not in owner:
+                why = f"{name}: a secure-aggregation reply from a hospital in no bucket"
             if not why:
                 why = owner[name].take_masked(name, masked) if take is None else take(owner[name], name, payload)
             if why:

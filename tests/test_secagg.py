@@ -224,3 +224,15 @@ def test_peer_keys_come_from_the_hospitals_own_file(tmp_path, keys):
     bad.write_text("h0: not-a-key\n")
     with pytest.raises(ConfigError, match="secagg-peer-keys"):
         _peer_keys({"secagg-peer-keys": (str(bad), "the node config")})
+
+
+def test_a_small_order_public_key_is_refused_where_it_comes_in(keys):
+    """X25519's small-order points make every exchange all-zero (cryptography raises): an
+    advert carrying one is refused by its check, so neither a hospital nor the server ever
+    computes with it (a hostile member cannot crash the round)."""
+    _, _, bucket = _start(keys, ["h0", "h1", "h2"])
+    advert = dict(bucket.adverts["h1"])
+    advert["s_pk"] = member.b64(bytes(32))  # the identity point
+    unsigned = {k: advert[k] for k in member.ADVERT_KEYS if k != "signature"}
+    advert["signature"] = keys["h1"].sign(unsigned)
+    assert "not usable X25519" in member.advert_problem(advert, RUN, ROUND, D)

@@ -54,6 +54,17 @@ def public_of(private: X25519PrivateKey | bytes) -> bytes:
     return private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
+def usable_public(public: bytes) -> bool:
+    """Whether ``public`` is an X25519 public key a key agreement can use: not one of the
+    small-order points, with which every exchange gives the all-zero secret (``cryptography``
+    refuses those; checked once, against a throwaway key, where the key comes in)."""
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError:
+        return False
+    return True
+
+
 def agree(private: bytes, public: bytes, label: str, context: str) -> bytes:
     """A 32-byte key both ends derive alike: HKDF-SHA256(X25519(private, public), info=label|context).
 

@@ -91,8 +91,9 @@ def advert_problem(advert: object, run_id: str, server_round: int, dim: int) -> 
         return f"an advert must hold exactly {list(ADVERT_KEYS)}"
     if advert["run_id"] != run_id or advert["round"] != server_round or advert["dim"] != dim:
         return "an advert is for another run, round or model size"
-    if unb64(advert["c_pk"], crypto.KEY_BYTES) is None or unb64(advert["s_pk"], crypto.KEY_BYTES) is None:
-        return "an advert's public keys are not 32-byte base64"
+    keys = [unb64(advert[k], crypto.KEY_BYTES) for k in ("c_pk", "s_pk")]
+    if any(k is None or not crypto.usable_public(k) for k in keys):
+        return "an advert's public keys are not usable X25519 keys (32-byte base64, not a small-order point)"
     if not (isinstance(advert["b_commit"], str) and len(advert["b_commit"]) == 64):
         return "an advert's b_commit is not a SHA-256 hex digest"
     unsigned = {k: advert[k] for k in ADVERT_KEYS if k != "signature"}
