@@ -4,7 +4,8 @@ same tiny federation, with and without DP.
 Builds the peers' venvs first (benchmarks/peers/setup.sh; once, then cached). A peer that cannot
 be built is reported with setup.sh's error (a warning in the test summary), never skipped in
 silence; every peer that was built, and CareFL, must finish and give a finite Dice and positive
-timings. No timed assertions.
+timings. No timed assertions. Slow: 1.9 min with the venvs built, ~3.3 min when it builds them
+(a fresh checkout, as in CI).
 """
 
 import json
