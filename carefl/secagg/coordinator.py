@@ -22,8 +22,8 @@ from carefl.secagg import crypto
 from carefl.secagg.member import b64, context, unb64
 from carefl.secagg.quantize import dequantize_mean, sum_problem
 
-#: bytes of one sealed share pair: nonce + 2 shares + GCM tag
-SEALED_BYTES = crypto.NONCE_BYTES + 2 * crypto.SHARE_BYTES + 16
+#: bytes of one sealed share pair: nonce + a seed share + a key share + GCM tag
+SEALED_BYTES = crypto.NONCE_BYTES + crypto.SEED_SHARE_BYTES + crypto.KEY_SHARE_BYTES + 16
 
 
 def threshold(size: int, fraction: float = 0.5) -> int:
@@ -121,9 +121,11 @@ class Bucket:
             return f"{member}: shares from a member that did not send a masked input"
         ok = (isinstance(reply, dict) and set(reply) == {"b", "sk"} and isinstance(reply["b"], dict)
               and isinstance(reply["sk"], dict) and set(reply["b"]) == u2 and set(reply["sk"]) == dropped
-              and all(unb64(v, crypto.SHARE_BYTES) for part in ("b", "sk") for v in reply[part].values()))
+              and all(unb64(v, crypto.SEED_SHARE_BYTES) for v in reply["b"].values())
+              and all(unb64(v, crypto.KEY_SHARE_BYTES) for v in reply["sk"].values()))
         if not ok:
-            return f"{member}: its unmask reply must hold a 32-byte b share per survivor and an s_sk share per dropped member"
+            return (f"{member}: its unmask reply must hold a {crypto.SEED_SHARE_BYTES}-byte b share per survivor and a "
+                    f"{crypto.KEY_SHARE_BYTES}-byte s_sk share per dropped member")
         self.revealed[member] = reply
         return None
 
@@ -141,18 +143,19 @@ class Bucket:
                 return None, f"only {have} of its {len(self.members)} members {stage}, below the threshold t={t}"
         ctx, position = context(self.run_id, self.round), {m: i for i, m in enumerate(self.members)}
         total = np.zeros(self.dim, dtype=np.uint32)
+        scratch = np.empty(self.dim + 4, dtype=np.uint32)  # one buffer for every mask
         for m in u2:  # in place: uint32 arithmetic is the ring's, mod 2^32
             total += self.masked[m]
             seed = self._secret(m, "b")
             if crypto.commitment(seed) != self.adverts[m]["b_commit"]:
                 return None, f"the shares of {m}'s self-mask do not give the seed it committed to (a member sent bad shares)"
-            total -= crypto.mask(seed, self.dim)
+            total -= crypto.mask(seed, self.dim, scratch)
         for v in (m for m in u1 if m not in self.masked):
             s_sk = self._secret(v, "sk")
             if b64(crypto.public_of(s_sk)) != self.adverts[v]["s_pk"]:
                 return None, f"the shares of dropped {v}'s mask key do not give the key it advertised (bad shares)"
             for u in u2:  # u added +PRG(k_uv) if it comes before v, -PRG(k_uv) after: take it out
-                pair = crypto.mask(crypto.agree(s_sk, unb64(self.adverts[u]["s_pk"]), "mask", ctx), self.dim)
+                pair = crypto.mask(crypto.agree(s_sk, unb64(self.adverts[u]["s_pk"]), "mask", ctx), self.dim, scratch)
                 if position[u] < position[v]:
                     total -= pair
                 else:

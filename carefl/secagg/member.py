@@ -4,7 +4,7 @@ Written here over CareFL's messages (Flower 1.41 has SecAgg+ only through its le
 layer); the primitives are :mod:`carefl.secagg.crypto`'s. The stages of one round:
 
 0. **advertise** (with the training reply): fresh X25519 pairs ``c`` (share cipher) and ``s``
-   (masks) and a 32-byte self-mask seed ``b``; the quantised update waits in :class:`Pending`
+   (masks) and a 16-byte self-mask seed ``b``; the quantised update waits in :class:`Pending`
    (the hospital's state dir, mode 0600). The advert -- both public keys and SHA-256 of ``b``
    -- is signed with the hospital's Ed25519 key, the key its receipts verify under.
 1. **share**: the server sends the bucket (every member's advert, in order: position i+1 is
@@ -107,8 +107,8 @@ class Pending:
     """What a hospital keeps between the stages of one round (never sent).
 
     ``levels``: its quantised, clipped update, uint32 (d,). ``bucket``: the adverts of its
-    bucket in order (after stage 1). ``held``: member -> (share of its b, share of its s_sk),
-    32 bytes each, this hospital's index (after stage 2). ``u1``: members that shared.
+    bucket in order (after stage 1). ``held``: member -> (share of its b, 16 bytes; share of
+    its s_sk, 32 bytes), this hospital's index (after stage 2). ``u1``: members that shared.
     """
 
     run_id: str
@@ -240,9 +240,9 @@ def mask(pending: Pending, payload: object) -> np.ndarray:
         key = crypto.agree(pending.c_sk, unb64(advert["c_pk"]), "share", ctx)
         raw = unb64(sealed)
         plain = crypto.decrypt(key, raw, f"{ctx}/{sender}->{pending.hospital}") if raw else None
-        if plain is None or len(plain) != 2 * crypto.SHARE_BYTES:
+        if plain is None or len(plain) != crypto.SEED_SHARE_BYTES + crypto.KEY_SHARE_BYTES:
             raise SecAggRefused(f"the shares from {sender[:64]} do not decrypt: they were not sealed for this hospital")
-        pending.held[sender] = (plain[:crypto.SHARE_BYTES], plain[crypto.SHARE_BYTES:])
+        pending.held[sender] = (plain[:crypto.SEED_SHARE_BYTES], plain[crypto.SEED_SHARE_BYTES:])
     u1 = sorted({*received, pending.hospital}, key=where.get)
     if len(u1) < pending.threshold:
         raise SecAggRefused(f"only {len(u1)} members shared, below the threshold {pending.threshold}")

@@ -52,10 +52,21 @@ def quantize(update: Tensor, bound: float, bits: int) -> np.ndarray:
 
 
 def dequantize_mean(total: np.ndarray, count: int, bound: float, bits: int) -> Tensor:
-    """The mean update of ``count`` hospitals from the uint32 sum of their levels, float32 (d,)
-    (computed in float64: a sum of up to 2^32 is exact there, then rounded once)."""
+    """The mean update of ``count`` hospitals from the uint32 sum of their levels, float32 (d,).
+
+    Centred first, exactly, in integers (``total - count L / 2``, an int32 when it wraps), then
+    converted: in float32 when every centred sum is below 2^24 in size (e.g. 7 hospitals at 22
+    bits: half the memory traffic of float64), else in float64. Either way the integer is
+    exact and the result carries one float32 rounding of the (small) mean itself."""
+    top, step = levels(bits), 2.0 * bound / levels(bits)
+    offset = count * top // 2
+    if count * top < 1 << 25:
+        mean = (total - np.uint32(offset)).view(np.int32).astype(np.float32)
+        mean *= np.float32(step / count)
+        mean += np.float32(offset * step / count - bound)  # |.| <= step / 2: the centring's remainder
+        return torch.from_numpy(mean)
     mean = total.astype(np.float64)
-    mean *= 2.0 * bound / levels(bits) / count
+    mean *= step / count
     mean -= bound
     return torch.from_numpy(mean.astype(np.float32))
 
