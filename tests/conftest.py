@@ -206,6 +206,12 @@ class Deployment:
                    f"{name} to register", self.procs.tails)
         return name
 
+    def start_synthetic_hospitals(self, hospitals: list[str], state_root: Path) -> None:
+        """The SuperLink, then one SuperNode per hospital on demo site i, state in state_root/<name>."""
+        self.start_superlink()
+        for i, hospital in enumerate(hospitals):
+            self.start_supernode(hospital, data_path=f"synthetic:{i}", state_dir=str(state_root / hospital))
+
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "flwr"), *args], cwd=self.project, env=self.env, capture_output=True,
                               text=True, timeout=timeout)

@@ -90,9 +90,7 @@ def test_killed_supernode_is_left_out_and_rejoins_a_later_round(deployment: Depl
     again with the same node config, registers under a new node id and trains in round 3,
     its DP accountant history intact in its state dir."""
     hospitals = ["st-mary", "riverside", "northfield"]
-    deployment.start_superlink()
-    for i, h in enumerate(hospitals):
-        deployment.start_supernode(h, data_path=f"synthetic:{i}", state_dir=str(tmp_path / "state" / h))
+    deployment.start_synthetic_hospitals(hospitals, tmp_path / "state")
     out, run_dir = tmp_path / "out", tmp_path / "out" / "kill"
     run_id = deployment.submit(f"federation.rounds=3 federation.round_timeout_s=45 federation.min_hospitals=2 "
                                f"{TINY} output_dir={out} run_id=kill")
@@ -333,9 +331,7 @@ def test_a_supernode_killed_mid_secure_aggregation_is_survived(deployment: Deplo
     from carefl.secagg.member import Pending
 
     hospitals = ["st-mary", "riverside", "northfield", "eastgate"]
-    deployment.start_superlink()
-    for i, h in enumerate(hospitals):
-        deployment.start_supernode(h, data_path=f"synthetic:{i}", state_dir=str(tmp_path / "state" / h))
+    deployment.start_synthetic_hospitals(hospitals, tmp_path / "state")
     out, run_dir = tmp_path / "out", tmp_path / "out" / "secagg-kill"
     run_id = deployment.submit(f"secagg=on federation.rounds=2 federation.round_timeout_s=30 federation.min_hospitals=3 "
                                f"federation.hospitals=[{','.join(hospitals)}] {TINY} output_dir={out} run_id=secagg-kill")
