@@ -391,7 +391,7 @@ def _check_compression(cfg: DictConfig) -> None:
         raise ConfigError("compression is missing; compose the config from conf/ (compression=none)")
     _choice(cfg, "compression.name", METHODS)
     _integer(cfg, "compression.block", 16, 65536, 256)
-    _number(cfg, "compression.fraction", 0, 1, 0.01)
+    _number(cfg, "compression.fraction", 0, 1, 0.1)
 
 
 def _check_secagg(cfg: DictConfig, n: int) -> int:
