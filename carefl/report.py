@@ -29,6 +29,7 @@ from pathlib import Path
 
 from carefl.checkpoint import atomic_write_text
 from carefl.tasks import HEADLINE, metric_names
+from carefl.tracking import Tracker
 
 
 def _weighted_mean(values: dict[str, dict[str, float]], key: str) -> float:
@@ -75,6 +76,7 @@ class Report:
             "baselines": {},
         }
         self.identity = _identity(cfg)
+        self.tracker = Tracker(self.run_dir, self.metric_names)
 
     def _round(self, server_round: int) -> dict:
         rounds = self.data["rounds"]
@@ -104,8 +106,10 @@ class Report:
         return record["aggregate"]
 
     def add_timing(self, server_round: int, timing: dict[str, float]) -> None:
-        """Server-side wall times of the round's phases (seconds); written with the next save."""
+        """Server-side wall times of the round's phases (seconds), the round's last record:
+        written with the next save, and the round's TensorBoard scalars now."""
         self._round(server_round)["timing"] = dict(timing)
+        self.tracker.log_rounds(self.data["rounds"])
 
     def add_wire(self, server_round: int, wire: dict[str, dict[str, int]]) -> None:
         """Bytes sent to and received from each hospital in the round (``carefl.rounds.Wire``)."""
@@ -120,6 +124,7 @@ class Report:
     def load_state_dict(self, state: dict) -> None:
         self.data = json.loads(json.dumps(state))
         self.data["status"] = "running"
+        self.tracker.written.update(r["round"] for r in self.data["rounds"])  # logged by the run before
 
     def save(self) -> Path:
         path = self.run_dir / "metrics.json"
@@ -254,6 +259,7 @@ class Report:
         self.data["status"], self.data["message"] = status, message
         self.data["sites"] = self.sites()
         self.save()
+        self.tracker.close()
         summary = self.summary()
         atomic_write_text(self.run_dir / "summary.md", summary)
         from carefl.plots import plot_run  # matplotlib only when a run ends

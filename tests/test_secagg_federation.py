@@ -175,3 +175,4 @@ def test_a_hospital_requiring_secure_aggregation_refuses_a_clear_round(tmp_path)
     run_dir = run_federation(LocalTransport(3), cfg)
     record = _ledger(run_dir)[1]["hospitals"]["st-mary"]
     assert not record["accepted"] and "require-secagg" in record["reason"]
+
