@@ -11,6 +11,7 @@ import os
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import logging
+import sys
 import warnings
 
 # Third-party warnings that tell a CareFL user nothing they can act on, filtered once, here:
@@ -25,3 +26,16 @@ import warnings
 for _message in ("Secure RNG turned off", "Full backward hook is firing", "Optimal order is the largest alpha"):
     warnings.filterwarnings("ignore", message=f".*{_message}")
 logging.getLogger("opacus.data_loader").addFilter(lambda record: "First batch is empty" not in record.getMessage())
+
+
+def console_logging() -> logging.Logger:
+    """The ``carefl`` logger printing INFO lines to this process's stdout (once per process):
+    the ServerApp's round lines, a hospital's training progress and refusals on its console."""
+    log = logging.getLogger("carefl")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s carefl %(levelname)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log

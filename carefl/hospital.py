@@ -43,7 +43,7 @@ from carefl.request import Request, parse_request
 from carefl.secagg import member
 from carefl.site import SitePolicy, admit, read_policy
 from carefl.tasks import trivial_metrics
-from carefl.training import evaluate, make_loader, make_optimizer, train_epochs
+from carefl.training import Progress, evaluate, make_loader, make_optimizer, train_epochs
 
 log = logging.getLogger("carefl.hospital")
 TRAIN, EVALUATE = "train", "evaluate"
@@ -370,6 +370,12 @@ def personal_epochs(cfg) -> int:
     return int(personal.epochs) if personal is not None and personal.name == "finetune" else 0
 
 
+def _progress(policy: SitePolicy, n: int, batch_size: int, epochs: int) -> Progress:
+    """Progress lines of this hospital's local training, on its own console."""
+    return Progress(log, f"hospital {policy.hospital} training {epochs} epoch(s) of {n} records",
+                    local_steps(n, batch_size, epochs))
+
+
 def _local_training(cfg, policy: SitePolicy, key: SigningKey, receipts: ReceiptLog, model, train_set: Dataset,
                     epochs: int, seed: int, run_id: str, reserve_epochs: int = 0):
     """Train ``model`` on ``train_set`` for ``epochs`` (DP-SGD unless the request disables it and
@@ -389,7 +395,7 @@ def _local_training(cfg, policy: SitePolicy, key: SigningKey, receipts: ReceiptL
     metrics: dict[str, float] = {"num_examples": float(n)}
     if not cfg.privacy.enabled:  # admitted only when the policy says require-dp=false
         result = train_epochs(model, optimizer, make_loader(train_set, fed.batch_size, seed=seed), cfg.task, epochs,
-                              cfg.strategy.prox_mu)
+                              cfg.strategy.prox_mu, _progress(policy, n, fed.batch_size, epochs))
         metrics.update(train_loss=result.loss, steps=float(result.steps))
         return model, metrics, None
     if not policy.delta < 1.0 / n:
@@ -413,7 +419,8 @@ def _local_training(cfg, policy: SitePolicy, key: SigningKey, receipts: ReceiptL
     # then write the spend ahead of training: from here a crash can only over-count
     dp_model, dp_optimizer, dp_loader, engine = make_private(cfg, model, optimizer, make_loader(train_set, fed.batch_size, seed=0), sigma, history)
     budget.save(policy.state_dir, key, privacy.extended(history, sigma, sample_rate, steps), base=history)
-    result = train_epochs(dp_model, dp_optimizer, dp_loader, cfg.task, epochs, cfg.strategy.prox_mu)
+    result = train_epochs(dp_model, dp_optimizer, dp_loader, cfg.task, epochs, cfg.strategy.prox_mu,
+                          _progress(policy, n, fed.batch_size, epochs))
     history = list(engine.accountant.history)
     budget.save(policy.state_dir, key, history)
     # the planned steps at (sigma, q) were taken: without a reserve the history is the one

@@ -6,6 +6,9 @@ A reader can follow the whole local path here: ``make_optimizer`` -> (optionally
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +17,27 @@ from torch.utils.data import DataLoader, Dataset
 
 from carefl.errors import ConfigError
 from carefl.tasks import build_loss, compute_metrics, segmentation_scores, segmentation_summary
+
+
+class Progress:
+    """Periodic progress lines of a long local training: ``<what>: step s/S (p%), t s, ~r s
+    left`` at most every ``every_s`` seconds and once at the end, on ``log`` (INFO). ``total``:
+    the steps planned (a Poisson loader runs exactly that many, :func:`carefl.hospital.local_steps`).
+    The estimate assumes the remaining steps cost what the done ones did."""
+
+    def __init__(self, log: logging.Logger, what: str, total: int, every_s: float = 10.0) -> None:
+        self.log, self.what, self.total, self.every_s = log, what, max(total, 1), every_s
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, steps: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s and steps < self.total:
+            return
+        self.last = now
+        elapsed = now - self.start
+        left = elapsed / steps * max(self.total - steps, 0) if steps else float("nan")
+        self.log.info("%s: step %d/%d (%.0f%%), %.0f s, ~%.0f s left", self.what, steps, self.total,
+                      100 * steps / self.total, elapsed, left)
 
 
 @dataclass
@@ -56,8 +80,10 @@ def train_epochs(
     task,
     epochs: int,
     prox_mu: float = 0.0,
+    progress: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Run ``epochs`` passes over ``loader``; return the mean loss and the step count.
+    ``progress(steps done)`` is called after every step (e.g. a :class:`Progress`).
 
     One optimizer step per batch. Under DP-SGD (``optimizer`` is Opacus' ``DPOptimizer``) every
     step is one Poisson-sampled Gaussian step, the one the accountant records:
@@ -106,6 +132,8 @@ def train_epochs(
                         p.grad = prox if p.grad is None else p.grad.add_(prox)
             (optimizer.original_optimizer if private else optimizer).step()
             steps += 1
+            if progress is not None:
+                progress(steps)
     return TrainResult(loss=total / max(with_records, 1), steps=steps, num_examples=len(loader.dataset))
 
 

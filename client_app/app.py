@@ -16,12 +16,15 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from carefl import console_logging
 from carefl.hospital import EVALUATE, SECAGG, TRAIN, handle
 
 app = ClientApp()
 
 
+
 def _reply(msg: Message, context: Context, kind: str) -> Message:
+    console_logging()  # the hospital's console: its training progress, its refusals
     config = msg.content["config"] if "config" in msg.content else {}
     state = msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else {}
     reply = handle(kind, config.get("request"), state, context.node_config, config.get("secagg"))

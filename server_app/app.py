@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import shlex
-import sys
 import time
 from collections.abc import Iterator, Mapping
 
@@ -22,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.exit import add_exit_handler
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
+from carefl import console_logging
 from carefl.config import compose_config
 from carefl.errors import CareFLError
 from carefl.local_transport import message_bytes
@@ -34,15 +33,6 @@ app = ServerApp()
 #: every broadcast waits on average half a pause after its last reply arrived, twice a round
 #: (Flower's own send_and_receive pauses 3 s in deployment; benchmarks/bench_overhead.py)
 POLL_PAUSES_S = (0.005, 0.1)
-
-
-def _setup_logging() -> None:
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(asctime)s carefl %(levelname)s %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
 
 
 def _view(array) -> ArrayView:
@@ -147,7 +137,7 @@ def _on_flower_exit(stop) -> None:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Compose the Hydra config from the run config and run the federation."""
-    _setup_logging()
+    console_logging()
     try:
         overrides = shlex.split(str(context.run_config.get("overrides", "")))
         run_dir = run_federation(FlowerTransport(grid), compose_config(overrides), overrides, on_start=_on_flower_exit)

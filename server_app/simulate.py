@@ -43,7 +43,8 @@ def simulate(cfg: DictConfig, overrides: list[str] = (), cpus_per_hospital: floa
 
     from carefl.rounds import log, run_federation
     from client_app.app import app as client_app
-    from server_app.app import FlowerTransport, _setup_logging
+    from carefl import console_logging
+    from server_app.app import FlowerTransport
 
     validate(cfg)
     # carefl-sim calls run_simulation on purpose (Hydra sweeps run in-process): Flower's notice
@@ -57,7 +58,7 @@ def simulate(cfg: DictConfig, overrides: list[str] = (), cpus_per_hospital: floa
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
-        _setup_logging()
+        console_logging()
         try:
             ended["run_dir"] = run_federation(FlowerTransport(grid), cfg, overrides)
         except CareFLError as err:

@@ -33,3 +33,27 @@ def test_a_run_writes_tensorboard_scalars_that_match_its_metrics(tmp_path):
             expected.append((record["round"], value))
         assert [s for s, _ in logged] == [1, 2]
         assert all(abs(a[1] - b[1]) < 1e-6 for a, b in zip(logged, expected))
+
+
+def test_local_training_prints_progress_with_what_is_left(caplog):
+    """A hospital's console shows periodic lines with steps done and an estimate of the rest."""
+    import logging
+
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from carefl.training import Progress, make_loader, make_optimizer, train_epochs
+
+    compose = compose_config(["data.image_size=16", "model.channels=[4,8,16]"])
+    from carefl.models import build_model
+
+    model = build_model(compose)
+    data = TensorDataset(torch.randn(40, 1, 16, 16), torch.randint(0, 2, (40, 1, 16, 16)).float())
+    progress = Progress(logging.getLogger("carefl.hospital"), "hospital h training", total=10, every_s=0.0)
+    with caplog.at_level(logging.INFO, logger="carefl.hospital"):
+        result = train_epochs(model, make_optimizer(model, "adam", 0.01), make_loader(data, 8, seed=0),
+                              compose.task, 2, progress=progress)
+    lines = [r.getMessage() for r in caplog.records if "hospital h training" in r.getMessage()]
+    assert result.steps == 10 and len(lines) == 10
+    assert lines[0].startswith("hospital h training: step 1/10 (10%)") and "s left" in lines[0]
+    assert lines[-1].startswith("hospital h training: step 10/10 (100%)") and "~0 s left" in lines[-1]
