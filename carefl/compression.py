@@ -18,8 +18,10 @@ topk       ``index`` int32 (k,) strictly increasing,       what is not sent     
 Top-k keeps **error feedback** at the hospital (Stich et al. 2018; Karimireddy et al. 2019):
 it sends the k largest entries of ``u + e`` and keeps ``e' = (u + e) - sent`` in its state
 dir for the next round, so over rounds ``sum(sent) = sum(u) - e_last``: nothing is lost,
-only delayed. Written here (a few lines of torch): no maintained library does block-wise int8
-/ top-k with a server-side schema check for hostile payloads.
+only delayed -- counting what was *sent*: a reply the server then leaves out (timeout, norm
+bound, a rule that trims it) is not fed back, so what it carried is lost for that round, as an
+uncompressed update would be. Written here (a few lines of torch): no maintained library does
+block-wise int8 / top-k with a server-side schema check for hostile payloads.
 
 With robust rules: the server decodes every payload to a dense float32 row before the rule, so
 every rule applies unchanged; top-k rows are sparse (zeros outside each hospital's k
