@@ -181,3 +181,51 @@ def test_secure_aggregation_on_flowers_simulation_engine(tmp_path):
         assert sorted(bucket["survivors"]) == ["northfield", "riverside", "st-mary"] and bucket["failed"] is None
         assert all(rec["accepted"] and rec["norm"] is None for rec in entry["hospitals"].values())
     assert verify_run(run).ok
+
+
+SPY = r'''
+import json, sys
+import numpy as np
+import server_app.app as app
+from carefl.config import compose_config
+from server_app.simulate import simulate
+
+seen, raw = [], app._raw
+
+
+def spy(msg, sent):  # every reply the ServerApp process takes from Flower, as it arrives
+    reply = raw(msg, sent)
+    record = {"type": msg.metadata.message_type, "arrays": {}}
+    for key, view in (reply.arrays or {}).items():
+        record["arrays"][key] = [view.dtype, list(view.shape)]
+        if key == "masked":
+            words = view.load().numpy().view(np.uint32).astype(np.float64) / 2**32
+            record["uniform"] = [float(words.mean()), float(words.std())]
+    seen.append(record)
+    return reply
+
+
+app._raw = spy
+status = simulate(compose_config(sys.argv[1:]))
+print("SPY" + json.dumps({"status": status, "seen": seen}))
+'''
+
+
+def test_the_serverapp_process_receives_only_masked_inputs_under_secure_aggregation(tmp_path):
+    """What the ServerApp process itself takes from Flower in a secure run (a spy on its reply
+    decoding, Flower's simulation engine, real ClientApps in Ray workers): no training reply
+    carries weights, no evaluation reply either, and the only arrays are masked inputs that
+    look uniform on Z_2^32 (an update's quantised levels would sit near 2^21 / 2^32 ~ 0.0005)."""
+    proc = subprocess.run([sys.executable, "-c", SPY, "secagg=on", "federation.rounds=1", "federation.baselines=false",
+                           f"output_dir={tmp_path}", *TINY], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout[proc.stdout.rindex("SPY") + 3:].splitlines()[0])
+    assert result["status"] == "completed"
+    kinds = [r["type"] for r in result["seen"]]
+    assert kinds.count("train") == 3 and kinds.count("train.secagg") == 9 and kinds.count("evaluate") == 3
+    masked = [r for r in result["seen"] if r["arrays"]]
+    assert len(masked) == 3 and all(r["type"] == "train.secagg" and set(r["arrays"]) == {"masked"} for r in masked)
+    for r in masked:
+        assert r["arrays"]["masked"][0] == "int32"
+        mean, std = r["uniform"]
+        assert abs(mean - 0.5) < 0.02 and abs(std - 12 ** -0.5) < 0.02
