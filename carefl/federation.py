@@ -105,7 +105,7 @@ class Federation:
     @property
     def update_dim(self) -> int:
         """d: the float elements of the model, the length of one update row."""
-        return sum(self.global_state[k].numel() for k in robust.float_keys(self.global_state))
+        return robust.update_dim(self.global_state)
 
     @property
     def global_state(self) -> dict[str, torch.Tensor]:

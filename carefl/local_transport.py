@@ -15,27 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from torch import Tensor
 
 from carefl.hospital import HospitalReply, handle
-from carefl.replies import ArrayView, RawReply, dtype_name
-
-
-#: what Flower adds to an array's raw bytes (its numpy .npy header), in bytes
-NPY_HEADER_BYTES = 128
-
-
-def _value_bytes(value: object) -> int:
-    if isinstance(value, (str, bytes)):
-        return len(value)
-    if isinstance(value, (list, tuple)):
-        return sum(_value_bytes(v) for v in value)
-    return 8  # numbers travel as 64 bits
-
-
-def message_bytes(config: Mapping[str, object], arrays: Mapping[str, Tensor]) -> int:
-    """A message's size counted as Flower's ``Record.count_bytes`` does: keys and text by
-    length, numbers as 8 bytes, arrays as their bytes plus the .npy header (128, an estimate
-    here). Written out because Flower 1.41's raises on an empty string; this never raises."""
-    size = sum(len(str(k)) + _value_bytes(v) for k, v in config.items())
-    return size + sum(len(k) + v.numel() * v.element_size() + NPY_HEADER_BYTES for k, v in arrays.items())
+from carefl.replies import ArrayView, RawReply, dtype_name, message_bytes
 
 
 def raw_reply(node_id: int, reply: HospitalReply, bytes_sent: int = 0) -> RawReply:

@@ -70,6 +70,27 @@ class ArrayView:
     load: Callable[[], Tensor]
 
 
+#: what Flower adds to an array's raw bytes (its numpy .npy header), in bytes
+NPY_HEADER_BYTES = 128
+
+
+def _value_bytes(value: object) -> int:
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    if isinstance(value, (list, tuple)):
+        return sum(_value_bytes(v) for v in value)
+    return 8  # numbers travel as 64 bits
+
+
+def message_bytes(config: Mapping[str, object], arrays: Mapping[str, Tensor]) -> int:
+    """A message's size counted as Flower's ``Record.count_bytes`` does, for
+    :attr:`RawReply.bytes_sent` / ``bytes_received`` in every transport: keys and text by
+    length, numbers as 8 bytes, arrays as their bytes plus the .npy header (128, an estimate
+    here). Written out because Flower 1.41's raises on an empty string; this never raises."""
+    size = sum(len(str(k)) + _value_bytes(v) for k, v in config.items())
+    return size + sum(len(k) + v.numel() * v.element_size() + NPY_HEADER_BYTES for k, v in arrays.items())
+
+
 @dataclass
 class RawReply:
     """A reply as the transport delivers it: the sending node, an error (the node failed), or
@@ -138,6 +159,17 @@ def _text(record: Mapping[str, Any], key: str, limit: int) -> str | None:
     return value if isinstance(value, str) and len(value) <= limit else None
 
 
+def _json(record: Mapping[str, Any], key: str, limit: int) -> Any:
+    """The JSON value in ``record[key]`` (text of at most ``limit`` characters), or None when
+    it is absent, empty, too long or not JSON -- deep nesting (RecursionError) included, so no
+    text a node sends can raise here."""
+    text = _text(record, key, limit)
+    try:
+        return json.loads(text) if text else None
+    except (ValueError, RecursionError):
+        return None
+
+
 def _metrics_problem(metrics: Any, status: str, dp: bool) -> str | None:
     if not isinstance(metrics, Mapping):
         return "metrics are missing"
@@ -192,13 +224,10 @@ def check_train_reply(raw: RawReply, ctx: RoundContext) -> tuple[TrainReply | No
     if raw.error is not None:
         return None, f"node {raw.node_id} failed: {str(raw.error)[:300]}"
     status = raw.status if isinstance(raw.status, Mapping) else {}
-    name, text = _text(status, "hospital", 64), _text(status, "receipt", MAX_RECEIPT_CHARS)
+    name = _text(status, "hospital", 64)
     if name is None or name not in ctx.hospitals:
         return None, f"node {raw.node_id} answered as {str(status.get('hospital'))[:64]!r}, not a hospital in federation.hospitals"
-    try:
-        receipt = json.loads(text) if text else None
-    except ValueError:
-        receipt = None
+    receipt = _json(status, "receipt", MAX_RECEIPT_CHARS)
     problem = receipt_problem(receipt, ctx.keys.get(name))  # no key yet: its own (pinned below)
     if problem is None:
         problem = _receipt_mismatch(receipt, name, ctx)
@@ -250,7 +279,7 @@ def _with_payload(reply: TrainReply, raw: RawReply, ctx: RoundContext) -> tuple[
     are the method's layout (checked before loading), its loaded values decode safely, and
     they are the payload its receipt signs."""
     method, block, fraction = ctx.compression
-    d = sum(v.numel() for k, v in ctx.global_state.items() if k in set(robust.float_keys(ctx.global_state)))
+    d = robust.update_dim(ctx.global_state)
     arrays = raw.arrays if isinstance(raw.arrays, Mapping) else {}
     declared = {k: (v.dtype, tuple(v.shape)) for k, v in arrays.items()}
     problem = compression.declared_problem(declared, method, d, block, fraction) if arrays else "an ok reply without its update"
@@ -277,10 +306,7 @@ def _with_advert(reply: TrainReply, raw: RawReply, status: Mapping[str, Any], ct
     """An ok reply under secure aggregation: no weights, and the advert of this round's keys
     signed by the key its receipt verifies under (so the keys are the hospital's own)."""
     name = reply.hospital
-    try:
-        advert = json.loads(_text(status, "secagg", MAX_RECEIPT_CHARS) or "null")
-    except ValueError:
-        advert = None
+    advert = _json(status, "secagg", MAX_RECEIPT_CHARS)
     problem = "it sent model weights in a securely aggregated round" if raw.arrays else \
         member.advert_problem(advert, ctx.run_id, ctx.round, ctx.secagg_dim)
     if problem is None and (advert["hospital"] != name or advert["public_key"] != reply.receipt["public_key"]):
@@ -306,10 +332,7 @@ def check_secagg_reply(raw: RawReply, names: Mapping[int, str], dim: int) -> tup
         return None, None, None, f"node {raw.node_id} sent a secure-aggregation reply as {str(status.get('hospital'))[:64]!r} without training as it this round"
     if status.get("status") != "ok":
         return name, None, None, f"{name} left secure aggregation: {str(status.get('reason'))[:300]}"
-    try:
-        payload = json.loads(_text(status, "secagg", member.MAX_PAYLOAD_CHARS) or "null")
-    except ValueError:
-        payload = None
+    payload = _json(status, "secagg", member.MAX_PAYLOAD_CHARS)
     arrays = raw.arrays or {}
     masked = None
     if set(arrays) - {"masked"}:

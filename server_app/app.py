@@ -23,8 +23,7 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 from carefl import console_logging
 from carefl.config import compose_config
 from carefl.errors import CareFLError
-from carefl.local_transport import message_bytes
-from carefl.replies import ArrayView, RawReply
+from carefl.replies import ArrayView, RawReply, message_bytes
 from carefl.rounds import RunStopped, log, run_federation
 
 app = ServerApp()
@@ -42,7 +41,7 @@ def _view(array) -> ArrayView:
 
 def _size(content: RecordDict) -> int:
     """Bytes of a message's records (arrays: their serialised bytes), counted as
-    :func:`carefl.local_transport.message_bytes` does; never raises, whatever a node sent."""
+    :func:`carefl.replies.message_bytes` does; never raises, whatever a node sent."""
     size = 0
     for record in content.values():
         if isinstance(record, ArrayRecord):

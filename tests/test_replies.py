@@ -147,3 +147,17 @@ def test_consistently_rewritten_ledger_is_caught_by_a_hospitals_receipts(tmp_pat
     caught = subprocess.run([Path(sys.executable).parent / "carefl-verify", str(run_dir), "--receipts", *logs],
                             capture_output=True, text=True)
     assert caught.returncode == 1 and "northfield" in caught.stdout and "round 1" in caught.stdout, caught.stdout
+
+
+def test_deeply_nested_json_in_a_reply_is_refused_not_raised():
+    """A receipt or secure-aggregation field of 8000 nested brackets makes json.loads raise
+    RecursionError; the reply checks read such fields as absent, so the round goes on."""
+    from carefl.replies import RawReply, RoundContext, check_secagg_reply, check_train_reply
+
+    deep = "[" * 8000 + "]" * 8000
+    ctx = RoundContext(["st-mary"], "ab" * 32, 1, {}, "0" * 64, False, {})
+    reply, why = check_train_reply(RawReply(1, status={"hospital": "st-mary", "receipt": deep[:16000]}), ctx)
+    assert reply is None and "without a valid receipt" in why
+    name, payload, masked, why = check_secagg_reply(
+        RawReply(1, status={"hospital": "st-mary", "status": "ok", "secagg": deep}), {1: "st-mary"}, 10)
+    assert name == "st-mary" and payload is None and "not a JSON object" in why

@@ -22,7 +22,7 @@ from carefl.robust.checks import norm_outliers, validate_update
 from carefl.robust.registry import PRE, RULES
 from carefl.robust.server_opt import SERVER_OPTS, build_server_optimizer
 from carefl.robust.signals import Reputation, round_signals
-from carefl.robust.updates import apply_update, flatten_updates, float_keys
+from carefl.robust.updates import apply_update, flatten_updates, float_keys, update_dim
 
 __all__ = [
     "AggResult",
@@ -39,6 +39,7 @@ __all__ = [
     "check_assumptions",
     "flatten_updates",
     "float_keys",
+    "update_dim",
     "norm_outliers",
     "round_signals",
     "validate_update",

@@ -20,6 +20,11 @@ def float_keys(global_state: Mapping[str, Tensor]) -> list[str]:
     return [k for k, v in global_state.items() if torch.is_floating_point(v)]
 
 
+def update_dim(global_state: Mapping[str, Tensor]) -> int:
+    """d: the float elements of a state dict, the length of one update row."""
+    return sum(global_state[k].numel() for k in float_keys(global_state))
+
+
 def flatten_updates(local_states: Sequence[Mapping[str, Tensor]], global_state: Mapping[str, Tensor]) -> Tensor:
     """float32 ``(n, d)``: row i = hospital i's ``local - global`` over :func:`float_keys`,
     each entry flattened, in state-dict order (d = number of float elements).
@@ -42,7 +47,7 @@ def apply_update(global_state: Mapping[str, Tensor], update_vec: Tensor) -> dict
     dtype and shape), non-float entries copied from ``global_state``. ``update_vec``: ``(d,)``
     in :func:`flatten_updates`' layout."""
     keys = set(float_keys(global_state))
-    expected = sum(global_state[k].numel() for k in keys)
+    expected = update_dim(global_state)
     if update_vec.shape != (expected,):
         raise ValueError(f"update has shape {tuple(update_vec.shape)}, the model has {expected} float elements")
     new, start = {}, 0
