@@ -32,9 +32,12 @@ DATA, OUT = Path(os.environ.get("PEER_DATA", ".")), Path(os.environ.get("PEER_OU
 client = ClientApp()
 
 
-def _site(context: Context) -> tuple[dict, str]:
+def _received(msg: Message, context: Context):
+    """``(spec, this node's hospital, the UNet holding the global weights just received)``."""
     spec = task.read_spec(DATA)
-    return spec, spec["hospitals"][int(context.node_config["partition-id"])]
+    model = task.build_unet(spec)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return spec, spec["hospitals"][int(context.node_config["partition-id"])], model
 
 
 def _log(record: dict) -> None:
@@ -45,9 +48,7 @@ def _log(record: dict) -> None:
 @client.train()
 def train(msg: Message, context: Context) -> Message:
     """Load the global weights, train locally, reply with the weights and ``num-examples``."""
-    spec, hospital = _site(context)
-    model = task.build_unet(spec)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    spec, hospital, model = _received(msg, context)
     train_set, _ = task.load_site(DATA, hospital)
     rnd = int(msg.content["config"]["server-round"])
     out = task.train(model, train_set, spec, round_seed=rnd)
@@ -59,9 +60,7 @@ def train(msg: Message, context: Context) -> Message:
 @client.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Dice of the global model on this hospital's test split."""
-    spec, hospital = _site(context)
-    model = task.build_unet(spec)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    _, hospital, model = _received(msg, context)
     _, test_set = task.load_site(DATA, hospital)
     out = task.evaluate(model, test_set)
     _log({"hospital": hospital, "round": int(msg.content["config"]["server-round"]), "phase": "eval", **out})
