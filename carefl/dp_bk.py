@@ -71,8 +71,13 @@ materialised by one ``bmm`` or by the ghost norm with L = T (for T = 1 it is
 ``c * g`` (one matrix product).
 
 GroupNorm (affine): ``dgamma_i[c] = sum_s g_i[c, s] xhat_i[c, s]`` with ``xhat`` the normalised
-input, recomputed as ``F.group_norm(a, groups, eps=eps)`` (Opacus' formula);
-``dbeta_i[c] = sum_s g_i[c, s]``. Materialised (B x C).
+input, ``dbeta_i[c] = sum_s g_i[c, s]`` (Opacus' formulas). Both come from PyTorch's own GroupNorm
+backward kernel (``aten.native_group_norm_backward``, weight gradient and bias gradient only)
+applied to the batch folded into the channels: input ``(1, B*C, S)`` in ``B*groups`` groups, whose
+mean and 1/std per (sample, group) are one ``var_mean`` over ``a``; that kernel's "batch" affine
+gradient of the folded input (shape (B*C,)) is the per-sample one,
+``dgamma_i[c] = rstd_ig (sum_s g a - mean_ig sum_s g)``: one pass over ``a`` and ``g`` instead of
+recomputing and storing ``xhat``. Materialised (B x C).
 
 PReLU: ``dalpha_i = sum of g_i * min(a_i, 0)`` over positions (and channels when
 num_parameters = 1): d prelu(x) / d alpha is x for x < 0, else 0. Materialised.
@@ -245,14 +250,22 @@ def _linear_rule(m: nn.Linear, a: torch.Tensor, g: torch.Tensor, names: set[str]
 
 def _group_norm_rule(m: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, names: set[str]):
     b, c = a.shape[0], a.shape[1]
+    want_w, want_b = "weight" in names and m.weight is not None, "bias" in names and m.bias is not None
+    if not (want_w or want_b):
+        return []
+    # the batch folded into the channels: one sample of B*C channels in B*groups groups, whose
+    # batch affine gradients (PyTorch's own kernel, one pass over a and g) are the per-sample ones
+    groups, positions = b * m.num_groups, a[0, 0].numel()
+    var, mean = torch.var_mean(a.reshape(groups, -1), dim=1, unbiased=False)
+    _, dgamma, dbeta = torch.ops.aten.native_group_norm_backward(
+        g.reshape(1, b * c, positions), a.reshape(1, b * c, positions), mean.view(1, groups),
+        (var + m.eps).rsqrt_().view(1, groups), a.new_ones(b * c), 1, b * c, positions, groups,
+        [False, want_w, want_b])
     out = []
-    if "weight" in names and m.weight is not None:
-        xhat = F.group_norm(a, m.num_groups, eps=m.eps)
-        per_sample = xhat.mul_(g).reshape(b, c, -1).sum(2)
-        out.append(("weight", _sq(per_sample), _weighted(per_sample)))
-    if "bias" in names and m.bias is not None:
-        per_sample = g.reshape(b, c, -1).sum(2)
-        out.append(("bias", _sq(per_sample), _weighted(per_sample)))
+    for name, per_sample in (("weight", dgamma), ("bias", dbeta)):
+        if per_sample is not None:
+            per_sample = per_sample.view(b, c)
+            out.append((name, _sq(per_sample), _weighted(per_sample)))
     return out
 
 
