@@ -447,8 +447,11 @@ def validate(cfg: DictConfig) -> None:
     side = _check_task_and_model(cfg)
     _check_data(cfg, side)
     _number(cfg, "strategy.prox_mu", 0, 1e6, 0.01, low_open=False)
-    if _choice(cfg, "personalization.name", ("none", "finetune", "fedbn")) == "finetune":
-        _integer(cfg, "personalization.epochs", 1, 1000, 2)
+    mode = _choice(cfg, "personalization.name", ("none", "finetune", "fedbn", "ditto"))
+    if mode in ("finetune", "ditto"):
+        _integer(cfg, "personalization.epochs", 1, 1000, 2 if mode == "finetune" else 1)
+    if mode == "ditto":
+        _number(cfg, "personalization.lambda", 0, 1e6, 0.1, low_open=False)
     from carefl.robust import check_assumptions  # local: robust imports torch-heavy code
 
     _check_compression(cfg)

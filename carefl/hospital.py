@@ -327,13 +327,18 @@ def _train_locked(request: Request, policy: SitePolicy, global_state, key: Signi
     model = build_model(cfg)
     model.load_state_dict(_with_local_norms(cfg, policy, request, global_state))
     seed = cfg.seed * 100_003 + request.round * 101 + policy.index
-    # the personal fine-tuning still to come is kept in reserve by this round's cap check
-    reserve = personal_epochs(cfg) if not _personal_path(policy, request).exists() else 0
+    # this round's cap check keeps in reserve the personal training still to come: finetune's
+    # epochs after the last round (until done), ditto's personal step of this very round
+    mode = personalization(cfg)
+    reserve = {"finetune": 0 if _personal_path(policy, request).exists() else personal_epochs(cfg),
+               "ditto": int(cfg.personalization.epochs)}.get(mode, 0)
     trained, metrics, history = _local_training(cfg, policy, key, receipts, model, train_set, fed.local_epochs, seed,
                                                 request.run_id, reserve)
     if trained is None:
         return HospitalReply(policy.hospital, "refused", metrics.pop("reason"), None, metrics), history
-    state = plain_state_dict(trained)
+    state = plain_state_dict(trained)  # the global update: all the reply ever carries
+    if mode == "ditto":
+        history = ditto_step(request, policy, key, receipts, global_state, train_set, metrics, history)
     if _fedbn(cfg):  # its normalisation stays here; the received global values go back in their place
         norms = norm_keys(model)
         path = _norm_path(policy, request)
@@ -343,9 +348,14 @@ def _train_locked(request: Request, policy: SitePolicy, global_state, key: Signi
     return HospitalReply(policy.hospital, "ok", "", state, metrics), history
 
 
-def _fedbn(cfg) -> bool:
+def personalization(cfg) -> str:
+    """``personalization.name`` of a config (``none`` for one from before personalization)."""
     personal = cfg.get("personalization")
-    return personal is not None and personal.name == "fedbn"
+    return str(personal.name) if personal is not None else "none"
+
+
+def _fedbn(cfg) -> bool:
+    return personalization(cfg) == "fedbn"
 
 
 def norm_keys(model: torch.nn.Module) -> list[str]:
@@ -365,9 +375,16 @@ def _with_local_norms(cfg, policy: SitePolicy, request: Request, global_state) -
 
 
 def personal_epochs(cfg) -> int:
-    """Epochs of personal fine-tuning a run plans after its last round (0 without it)."""
-    personal = cfg.get("personalization")
-    return int(personal.epochs) if personal is not None and personal.name == "finetune" else 0
+    """Epochs of personal training a run plans beyond its rounds' local epochs, all rounds
+    together: finetune's ``personalization.epochs`` after the last round, ditto's in every round
+    (``federation.rounds`` x ``personalization.epochs``); 0 otherwise. The noise plan
+    (:func:`planned_noise_multiplier`) and the baselines' epochs count them."""
+    mode = personalization(cfg)
+    if mode == "finetune":
+        return int(cfg.personalization.epochs)
+    if mode == "ditto":
+        return int(cfg.federation.rounds) * int(cfg.personalization.epochs)
+    return 0
 
 
 def _progress(policy: SitePolicy, n: int, batch_size: int, epochs: int) -> Progress:
@@ -377,10 +394,16 @@ def _progress(policy: SitePolicy, n: int, batch_size: int, epochs: int) -> Progr
 
 
 def _local_training(cfg, policy: SitePolicy, key: SigningKey, receipts: ReceiptLog, model, train_set: Dataset,
-                    epochs: int, seed: int, run_id: str, reserve_epochs: int = 0):
+                    epochs: int, seed: int, run_id: str, reserve_epochs: int = 0, history: list | None = None,
+                    prox_mu: float | None = None, anchor: list[torch.Tensor] | None = None):
     """Train ``model`` on ``train_set`` for ``epochs`` (DP-SGD unless the request disables it and
-    the policy allows that); the one local-training path of federated rounds and personal
-    fine-tuning, so both are accounted alike.
+    the policy allows that); the one local-training path of federated rounds, personal
+    fine-tuning and Ditto's personal steps, so all are accounted alike.
+
+    ``history``: the accountant history the caller committed a moment ago under the same lock
+    (Ditto's personal step right after the round's global step), used instead of loading it
+    again (its receipt is not written yet). ``prox_mu`` / ``anchor``: the proximal term of
+    :func:`carefl.training.train_epochs` (default ``strategy.prox_mu`` towards the entry point).
 
     Under DP: sigma is the plan's (:func:`planned_noise_multiplier` over all rounds' local epochs
     plus the personal epochs, never below what keeps the whole run within the hospital's cap);
@@ -391,11 +414,12 @@ def _local_training(cfg, policy: SitePolicy, key: SigningKey, receipts: ReceiptL
     """
     fed = cfg.federation
     n = len(train_set)
+    prox_mu = float(cfg.strategy.prox_mu) if prox_mu is None else prox_mu
     optimizer = make_optimizer(model, fed.optimizer, fed.lr)
     metrics: dict[str, float] = {"num_examples": float(n)}
     if not cfg.privacy.enabled:  # admitted only when the policy says require-dp=false
         result = train_epochs(model, optimizer, make_loader(train_set, fed.batch_size, seed=seed), cfg.task, epochs,
-                              cfg.strategy.prox_mu, _progress(policy, n, fed.batch_size, epochs))
+                              prox_mu, _progress(policy, n, fed.batch_size, epochs), anchor)
         metrics.update(train_loss=result.loss, steps=float(result.steps))
         return model, metrics, None
     if not policy.delta < 1.0 / n:
@@ -404,7 +428,7 @@ def _local_training(cfg, policy: SitePolicy, key: SigningKey, receipts: ReceiptL
     sample_rate = privacy.sample_rate(n, fed.batch_size)
     steps = local_steps(n, fed.batch_size, epochs)
     reserve = local_steps(n, fed.batch_size, reserve_epochs) if reserve_epochs else 0
-    history = budget.load(policy.state_dir, key, receipts)
+    history = budget.load(policy.state_dir, key, receipts) if history is None else history
     sigma = planned_noise_multiplier(cfg, n, policy.delta, fed.rounds * fed.local_epochs + personal_epochs(cfg),
                                      policy.state_dir, policy.epsilon_cap, history, run_id)
     ok, projected, reason = privacy.budget_check(policy.epsilon_cap, policy.delta, history, sigma, sample_rate,
@@ -413,14 +437,15 @@ def _local_training(cfg, policy: SitePolicy, key: SigningKey, receipts: ReceiptL
     if not ok:
         metrics["epsilon"] = privacy.epsilon(history, policy.delta, cfg.privacy.accountant)
         if reserve:
-            reason += f" (keeping {reserve_epochs} personal fine-tuning epoch(s) in reserve)"
+            what = "Ditto personal" if personalization(cfg) == "ditto" else "personal fine-tuning"
+            reason += f" (keeping {reserve_epochs} {what} epoch(s) in reserve)"
         return None, {**metrics, "reason": f"{policy.hospital}: {reason}"}, history
     # set up first (a request it cannot serve, e.g. secure_mode, fails here and spends nothing),
     # then write the spend ahead of training: from here a crash can only over-count
     dp_model, dp_optimizer, dp_loader, engine = make_private(cfg, model, optimizer, make_loader(train_set, fed.batch_size, seed=0), sigma, history)
     budget.save(policy.state_dir, key, privacy.extended(history, sigma, sample_rate, steps), base=history)
-    result = train_epochs(dp_model, dp_optimizer, dp_loader, cfg.task, epochs, cfg.strategy.prox_mu,
-                          _progress(policy, n, fed.batch_size, epochs))
+    result = train_epochs(dp_model, dp_optimizer, dp_loader, cfg.task, epochs, prox_mu,
+                          _progress(policy, n, fed.batch_size, epochs), anchor)
     history = list(engine.accountant.history)
     budget.save(policy.state_dir, key, history)
     # the planned steps at (sigma, q) were taken: without a reserve the history is the one
@@ -486,12 +511,68 @@ def personalize(request: Request, policy: SitePolicy, global_state, train_set: D
         return state
 
 
+def ditto_step(request: Request, policy: SitePolicy, key: SigningKey, receipts: ReceiptLog, global_state,
+               train_set: Dataset, metrics: dict, history: list | None) -> list | None:
+    """Ditto's personal update of this round (Li et al., ICML 2021), right after the global one
+    and under the same lock: ``personalization.epochs`` epochs of
+
+        v <- v - lr * (grad F_k(v) + lambda * (v - w_global))
+
+    on this hospital's training split, ``w_global`` the model received this round and ``v``
+    its personal model (``<state-dir>/personal/<run-id>.pt``; the received model the first
+    time), ``lambda`` = ``personalization.lambda``, with ``federation.optimizer`` and ``lr``.
+
+    Under DP every step is DP-SGD through :func:`_local_training`: the hospital's own engine,
+    sigma and accountant, so the steps land in the same history and under the same cap as the
+    federated ones (the noise plan counts them, :func:`personal_epochs`, and the round's cap
+    check kept them in reserve). ``lambda * (v - w_global)`` is added AFTER privatisation
+    (:func:`carefl.training.train_epochs`' proximal term with ``anchor=w_global``): it depends
+    only on the public global model and on v, itself a DP output, so it is post-processing and
+    costs no epsilon.
+
+    v never leaves the hospital: it is saved (atomically) to its state dir, a receipt signing
+    its hash goes to the hospital's own log under ``<run>`` + :data:`PERSONAL_SUFFIX` (as
+    finetune's, so ``carefl-predict --personal`` can check it), and nothing of it is in the
+    reply. ``metrics["epsilon"]`` becomes the epsilon after both steps (what the round's receipt
+    signs). Returns the history after both (None without DP). If the cap refuses the personal
+    step (it cannot, once the reserve passed, unless the state dir changed under it) v stays
+    as it was and a warning is logged.
+    """
+    cfg = request.config
+    path = _personal_path(policy, request)
+    model = build_model(cfg)
+    model.load_state_dict(torch.load(path, weights_only=True) if path.exists() else global_state)
+    anchor = [global_state[name].detach().clone() for name, p in model.named_parameters() if p.requires_grad]
+    seed = cfg.seed * 100_003 + request.round * 101 + policy.index + 50_021  # its own batches (without DP)
+    trained, personal, history_after = _local_training(
+        cfg, policy, key, receipts, model, train_set, int(cfg.personalization.epochs), seed, request.run_id,
+        history=history, prox_mu=float(cfg.personalization["lambda"]), anchor=anchor)
+    if trained is None:
+        log.warning("hospital %s: no Ditto personal step in round %d: %s", policy.hospital, request.round,
+                    personal["reason"])
+        return history
+    state = plain_state_dict(trained)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(state, path)
+    if "epsilon" in personal:
+        metrics["epsilon"] = personal["epsilon"]
+    receipts.append(make_receipt(
+        key, run_id=request.run_id + PERSONAL_SUFFIX, round=request.round, hospital=policy.hospital,
+        model_received=hash_state_dict(global_state), update_hash=hash_state_dict(state),
+        num_examples=len(train_set), epsilon=personal.get("epsilon"),
+        history_hash=history_hash(history_after) if history_after is not None else None,
+        ledger_head=request.ledger_head,
+    ))
+    return history_after
+
+
 def evaluate_round(request: Request, policy: SitePolicy, global_state: dict[str, torch.Tensor]) -> HospitalReply:
     """Metrics of the global model on this hospital's held-out split, with ``trivial_<m>``: the
     same metric of a rule that needs no model (:func:`carefl.tasks.trivial_metrics`), so the
-    server can say when a model is no better than it. After the last round of a run with
-    ``personalization=finetune``: also ``personal_<m>`` of its personal model
-    (:func:`personalize`; the model itself stays here). Plus ``num_examples`` and
+    server can say when a model is no better than it. Also ``personal_<m>`` of its personal
+    model (the model itself stays here): every round with ``fedbn`` (global weights + its own
+    normalisation) and ``ditto`` (its v, :func:`ditto_step`), after the last round with
+    ``finetune`` (:func:`personalize`). Plus ``num_examples`` and
     ``eval_seconds`` (wall time of loading, building, fine-tuning and evaluating)."""
     start = time.perf_counter()
     cfg = request.config
@@ -502,15 +583,16 @@ def evaluate_round(request: Request, policy: SitePolicy, global_state: dict[str,
     metrics.update({f"trivial_{k}": v for k, v in trivial_metrics(cfg.task, data.test).items()})
     if policy.share_data_card and data.card is not None:  # its own decision; counts and label frequencies only
         metrics.update(shared_figures(data.card))
-    personal_state = _with_local_norms(cfg, policy, request, global_state)
-    if personal_state is not global_state:  # fedbn: global weights + its own normalisation
-        model.load_state_dict(personal_state)
-        metrics.update({f"personal_{k}": v for k, v in evaluate(model, data.test, cfg.task, window=data.window).items()})
-    if personal_epochs(cfg) and request.round == cfg.federation.rounds:
+    mode, personal = personalization(cfg), None
+    if mode == "fedbn" and _norm_path(policy, request).exists():  # global weights + its own normalisation
+        personal = _with_local_norms(cfg, policy, request, global_state)
+    elif mode == "ditto" and _personal_path(policy, request).exists():
+        personal = torch.load(_personal_path(policy, request), weights_only=True)
+    elif mode == "finetune" and request.round == cfg.federation.rounds:
         personal = personalize(request, policy, global_state, _training_set(request, policy))
-        if personal is not None:
-            model.load_state_dict(personal)
-            metrics.update({f"personal_{k}": v for k, v in evaluate(model, data.test, cfg.task, window=data.window).items()})
+    if personal is not None:
+        model.load_state_dict(personal)
+        metrics.update({f"personal_{k}": v for k, v in evaluate(model, data.test, cfg.task, window=data.window).items()})
     metrics.update(num_examples=float(len(data.test)), eval_seconds=time.perf_counter() - start)
     return HospitalReply(policy.hospital, "ok", "", None, metrics)
 

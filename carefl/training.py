@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +81,7 @@ def train_epochs(
     epochs: int,
     prox_mu: float = 0.0,
     progress: Callable[[int], None] | None = None,
+    anchor: Sequence[torch.Tensor] | None = None,
 ) -> TrainResult:
     """Run ``epochs`` passes over ``loader``; return the mean loss and the step count.
     ``progress(steps done)`` is called after every step (e.g. a :class:`Progress`).
@@ -97,7 +98,10 @@ def train_epochs(
 
     ``prox_mu > 0`` is FedProx: the gradient of ``mu/2 * ||w - w_global||^2``, i.e.
     ``mu * (w - w_global)``, is added to every step's gradient, where ``w_global`` are the
-    parameters at entry (the global model this round started from). Under DP it is added AFTER
+    parameters at entry (the global model this round started from), or ``anchor`` when given
+    (one tensor per trainable parameter, in ``model.parameters()`` order): Ditto's personal
+    step passes the received global model while it trains the personal model v, so its
+    ``lambda * (v - w_global)`` is this same term (:func:`carefl.hospital.ditto_step`). Under DP it is added AFTER
     privatisation, to the clipped, noised gradient: a term that is not a per-sample loss would
     never reach Opacus' per-sample gradients (Opacus replaces p.grad, so a proximal loss term
     was silently dropped). Adding it afterwards is post-processing -- it depends only on the
@@ -107,7 +111,12 @@ def train_epochs(
     loss_fn = build_loss(task)
     private = isinstance(optimizer, DPOptimizer)
     params = [p for p in model.parameters() if p.requires_grad]
-    anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
+    if prox_mu > 0:
+        anchor = [a.detach().clone() for a in (anchor if anchor is not None else params)]
+        if [a.shape for a in anchor] != [p.shape for p in params]:
+            raise ValueError("train_epochs: anchor must hold one tensor per trainable parameter, in order")
+    else:
+        anchor = None
     model.train()
     total, with_records, steps = 0.0, 0, 0
     for _ in range(epochs):
@@ -125,7 +134,7 @@ def train_epochs(
                 with_records += 1
             if private and not optimizer.pre_step():  # clip, noise, account; p.grad is private now
                 continue  # Opacus skips a step only for virtual batches, which CareFL never asks for
-            if anchor is not None:  # FedProx after privatisation: post-processing, see above
+            if anchor is not None:  # FedProx / Ditto after privatisation: post-processing, see above
                 with torch.no_grad():
                     for p, a in zip(params, anchor):
                         prox = prox_mu * (p - a)

@@ -181,3 +181,126 @@ def test_a_classifier_no_better_than_the_majority_class_is_flagged_on_accuracy(t
     assert sites["no_better_than_trivial"] == ["a"]  # a good AUC, but an accuracy below always answering its majority
     assert "WARNING: a's deployed model (accuracy 0.620) is no better than a rule without a model (0.700: the most " \
            "frequent class)" in (tmp_path / "summary.md").read_text()
+
+
+# ---- Ditto (personalization=ditto): a personal model v trained every round beside the global update ----
+
+DITTO = ["personalization=ditto", "personalization.epochs=1", "personalization.lambda=0.5"]
+NO_DP = ["privacy=none"]
+
+
+def _no_dp_node(path: Path) -> dict:
+    return {"hospital": "st-mary", "data-path": "synthetic:0", "state-dir": str(path), "epsilon-cap": "8.0",
+            "delta": "1e-5", "require-dp": "false"}
+
+
+def test_ditto_sends_the_global_update_only_and_keeps_v_at_home(tmp_path):
+    from carefl.ledger import hash_state_dict
+
+    text, state = request(*DITTO, *NO_DP, server_round=1)
+    reply = handle(TRAIN, text, state, _no_dp_node(tmp_path / "ditto"))
+    plain = handle(TRAIN, *request(*DITTO[:1], *NO_DP, "personalization=none", server_round=1),
+                   _no_dp_node(tmp_path / "none"))
+    assert reply.status == plain.status == "ok", reply.reason
+    # what is sent: exactly the global update a hospital without Ditto sends (same seed, no DP)
+    assert set(reply.state) == set(state) and all(torch.equal(reply.state[k], plain.state[k]) for k in state)
+    v = torch.load(tmp_path / "ditto" / PERSONAL_DIR / f"{RUN}.pt", weights_only=True)
+    assert any(not torch.equal(v[k], reply.state[k]) for k in state if state[k].is_floating_point())
+    assert reply.receipt["update_hash"] == hash_state_dict(reply.state) != hash_state_dict(v)
+    # v's hash is signed in the hospital's own log only, under <run>.personal (never a ledger entry)
+    own = ReceiptLog(tmp_path / "ditto" / LOG_FILE).receipts()
+    assert [(r["run_id"], r["update_hash"] == hash_state_dict(v)) for r in own] == [(RUN + ".personal", True), (RUN, False)]
+    evaluation = handle(EVALUATE, text, reply.state, _no_dp_node(tmp_path / "ditto"))
+    assert evaluation.state is None and {"dice", "personal_dice"} <= set(evaluation.metrics)
+    assert "personal_dice" not in handle(EVALUATE, text, reply.state, _no_dp_node(tmp_path / "none")).metrics
+
+
+def test_dittos_personal_steps_are_dp_sgd_in_the_same_accountant_and_cap(tmp_path):
+    for r in range(1, ROUNDS + 1):
+        reply = handle(TRAIN, *request(*DITTO, server_round=r), node(tmp_path))
+        assert reply.status == "ok", reply.reason
+        history = _history(tmp_path)
+        # the reply's epsilon (and its receipt's) is the spend after BOTH steps of the round
+        assert reply.metrics["epsilon"] == reply.receipt["epsilon"]
+        assert reply.metrics["epsilon"] == pytest.approx(privacy.epsilon(history, 1e-5, "prv"), rel=1e-6)
+    q, per_round = privacy.sample_rate(N, BATCH), local_steps(N, BATCH, 1)
+    assert {s for s, _, _ in history} == {history[0][0]} and {qq for _, qq, _ in history} == {q}
+    assert sum(n for *_, n in history) == ROUNDS * (per_round + local_steps(N, BATCH, 1))  # global + personal
+    # the noise plan covers rounds x (local + personal epochs) and meets the target, recomputed independently
+    assert _pld_epsilon(history, 1e-5) == pytest.approx(8.0, rel=0.02)
+    assert handle(TRAIN, *request(*DITTO, server_round=1), node(tmp_path)).status == "refused"  # the cap is spent
+
+
+def test_every_ditto_round_checks_its_personal_step_against_the_cap(tmp_path):
+    sigma = ["privacy.noise_multiplier=1.0", "privacy.target_epsilon=null"]
+    q, per_round = privacy.sample_rate(N, BATCH), local_steps(N, BATCH, 1)
+    global_only = privacy.projected_epsilon([], 1.0, q, per_round, 1e-5, "prv")
+    both = privacy.projected_epsilon([], 1.0, q, 2 * per_round, 1e-5, "prv")
+    cap = str((global_only + both) / 2)  # the round's global step fits, global + personal does not
+    reply = handle(TRAIN, *request(*DITTO, *sigma, server_round=1), node(tmp_path, **{"epsilon-cap": cap}))
+    assert reply.status == "refused" and "keeping 1 Ditto personal epoch(s) in reserve" in reply.reason
+    assert not (tmp_path / "state" / budget.HISTORY_FILE).exists() and reply.state is None  # nothing spent or sent
+
+
+def test_dittos_lambda_is_exactly_the_term_added_after_privatisation():
+    """Same model v, same batch, zero noise: the personal step with lambda differs from the one
+    without by exactly lr * lambda * (v - w_global) (SGD's first step): clipped per-sample
+    gradients are untouched, so the pull is post-processing of the private gradient."""
+    from torch.utils.data import DataLoader, Subset
+
+    from carefl.data import load_hospital
+    from carefl.hospital import make_private
+    from carefl.training import make_optimizer, train_epochs
+
+    lam, lr = 0.5, 0.01
+    cfg = compose_config([*TINY, *DITTO, "federation.optimizer=sgd", f"federation.lr={lr}"])
+    w = build_model(cfg).state_dict()
+    torch.manual_seed(1)
+    v = {k: t + 0.05 * torch.randn_like(t) if t.is_floating_point() else t for k, t in w.items()}
+    batch = Subset(load_hospital(cfg, "st-mary", 0).train, range(BATCH))
+    after = []
+    for mu in (lam, 0.0):
+        model = build_model(cfg)
+        model.load_state_dict(v)
+        anchor = [w[k].clone() for k, p in model.named_parameters() if p.requires_grad]
+        opt = make_optimizer(model, "sgd", lr)
+        dp_model, dp_opt, _, _ = make_private(cfg, model, opt, DataLoader(batch, batch_size=BATCH), 1.0, [])
+        dp_opt.noise_multiplier = 0.0  # no noise: both steps see the same clipped gradient
+        train_epochs(dp_model, dp_opt, DataLoader(batch, batch_size=BATCH, shuffle=False), cfg.task, 1, mu, anchor=anchor)
+        after.append({k: p.detach().clone() for k, p in model.named_parameters()})
+    for k in after[0]:
+        torch.testing.assert_close(after[1][k] - after[0][k], lr * lam * (v[k] - w[k]), rtol=1e-4, atol=1e-7)
+
+
+_ROUND_2 = """
+import sys, torch
+from carefl.hospital import TRAIN, handle
+text, state, node = torch.load(sys.argv[1], weights_only=False)
+assert handle(TRAIN, text, state, node).status == "ok"
+"""
+
+
+def test_dittos_personal_model_survives_a_restart(tmp_path):
+    import shutil
+
+    first = tmp_path / "first"
+    text, state = request(*DITTO, *NO_DP, server_round=1)
+    reply = handle(TRAIN, text, state, _no_dp_node(first))
+    v1 = torch.load(first / PERSONAL_DIR / f"{RUN}.pt", weights_only=True)
+    for name in ("restarted", "forgot"):
+        shutil.copytree(first, tmp_path / name)
+    (tmp_path / "forgot" / PERSONAL_DIR / f"{RUN}.pt").unlink()
+    text2, _ = request(*DITTO, *NO_DP, server_round=2)
+    # round 2 here, and in a fresh process (a restarted hospital) on a copy of the state dir
+    assert handle(TRAIN, text2, reply.state, _no_dp_node(first)).status == "ok"
+    job = tmp_path / "round2.pt"
+    torch.save((text2, reply.state, _no_dp_node(tmp_path / "restarted")), job)
+    proc = subprocess.run([sys.executable, "-c", _ROUND_2, str(job)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert handle(TRAIN, text2, reply.state, _no_dp_node(tmp_path / "forgot")).status == "ok"
+    v2, again, fresh = (torch.load(tmp_path / d / PERSONAL_DIR / f"{RUN}.pt", weights_only=True)
+                        for d in ("first", "restarted", "forgot"))
+    assert any(not torch.equal(v2[k], v1[k]) for k in v1 if v1[k].is_floating_point())
+    assert all(torch.equal(v2[k], again[k]) for k in v2)  # the restarted hospital went on from its saved v
+    assert any(not torch.equal(v2[k], fresh[k]) for k in v2 if v2[k].is_floating_point())  # not from w_global
