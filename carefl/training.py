@@ -66,11 +66,14 @@ def make_optimizer(model: torch.nn.Module, name: str, lr: float) -> torch.optim.
 
 
 def make_loader(dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True) -> DataLoader:
-    """A seeded DataLoader (``(image, label)`` batches). DP replaces it by a Poisson loader."""
+    """A seeded DataLoader (``(image, label)`` batches). DP replaces it by a Poisson loader that
+    keeps its ``collate_fn``: the dataset's own when it has one (training augmentation applied
+    to the whole batch, :class:`carefl.data.augment.BatchAugment`)."""
     if batch_size < 1:
         raise ConfigError(f"federation.batch_size={batch_size} must be >= 1")
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      collate_fn=getattr(dataset, "collate_fn", None))
 
 
 def train_epochs(

@@ -17,10 +17,11 @@ Pipeline per record: read (:func:`carefl.data.reading.read_record`) -> the prese
 the hospital's ``cache-dir``). Then, per draw:
 
 - segmentation, training: pad to at least ``data.spatial_size``, ONE patch of that size
-  (``RandCropByPosNegLabeld``, ``num_samples=1``, the preset's pos/neg weights), the preset's
-  ``augment``; evaluation: the whole image at native resolution, with sliding windows of
+  (drawn as ``RandCropByPosNegLabeld``, ``num_samples=1``, the preset's pos/neg weights, by
+  :func:`carefl.data.augment.pos_neg_patch`), then the preset's ``augment`` on the collated
+  batch (:class:`carefl.data.augment.BatchAugment`, the loader's ``collate_fn``); evaluation: the whole image at native resolution, with sliding windows of
   ``data.spatial_size`` (``data.sw_overlap``, ``data.sw_batch_size``; :class:`SlidingWindow`);
-- classification: the preset's ``augment`` (training), nothing (evaluation).
+- classification: the preset's ``augment`` on the batch (training), nothing (evaluation).
 
 **DP with patches.** The privacy unit stays one record (one patient study): the training set's
 length is the number of records, and drawing index i returns exactly one patch of record i.
@@ -40,7 +41,6 @@ import functools
 import json
 import logging
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,11 +48,12 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import get_track_meta, load_decathlon_datalist, set_track_meta
-from monai.transforms import RandCropByPosNegLabeld, Resized, SpatialPadd
+from monai.transforms import Resized, SpatialPadd
 from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
 from carefl.checkpoint import atomic_write_text
+from carefl.data.augment import BatchAugment, pos_neg_patch
 from carefl.data.cache import DiskCache
 from carefl.data.card import data_card
 from carefl.data.files import data_error, file_stamp
@@ -120,9 +121,7 @@ def load_decathlon(data: dict, task: dict, seed: int, hospital: str, path: str, 
     spatial_size, preset = tuple(int(s) for s in data["spatial_size"]), prepared.preset
     _, augment = build_transforms(preset)
     if task["kind"] == "segmentation":
-        crop = RandCropByPosNegLabeld(["image", "label"], "label", spatial_size, pos=preset.spec["crop_pos"],
-                                      neg=preset.spec["crop_neg"], num_samples=1)
-        train = Patches(prepared.train, spatial_size, crop, augment)
+        train = Patches(prepared.train, spatial_size, preset.spec["crop_pos"], preset.spec["crop_neg"], augment)
         window = SlidingWindow(spatial_size, float(data["sw_overlap"]), int(data["sw_batch_size"]))
         return train, Records(prepared.test, None), window, prepared.card
     return Records(prepared.train, augment), Records(prepared.test, None), None, prepared.card
@@ -216,43 +215,49 @@ def _plain(x) -> torch.Tensor:
 
 
 class Records(Dataset):
-    """Prepared records as ``(image, label)``, with the preset's ``augment`` (or none)."""
+    """Prepared records as ``(image, label)``. ``augment`` (the preset's, training only) runs on
+    whole batches: the loader takes :attr:`collate_fn` (:class:`carefl.data.augment.BatchAugment`)."""
 
     def __init__(self, cache: DiskCache, augment):
         self.cache, self.augment = cache, augment
+        self.collate_fn = BatchAugment(augment) if augment is not None else None
 
     def __len__(self) -> int:
         return len(self.cache)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         item = self.cache[i]
-        if self.augment is not None:
-            with _no_meta():
-                item = self.augment(item)
         if "class" in item:
             return _plain(item["image"]), torch.tensor(item["class"], dtype=torch.int64)
         return _plain(item["image"]), _plain(item["label"])
 
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every prepared (not augmented) record stacked: ``(images, labels)``; same-size records only."""
+        items = [self[i] for i in range(len(self))]
+        return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
 
-class Patches(Dataset):
-    """One random patch of ``spatial_size`` per record and draw (see "DP with patches" above)."""
 
-    def __init__(self, cache: DiskCache, spatial_size: tuple[int, ...], crop: RandCropByPosNegLabeld, augment):
-        self.cache, self.crop, self.augment, self.spatial_size = cache, crop, augment, spatial_size
+class Patches(Records):
+    """One random patch of ``spatial_size`` per record and draw (see "DP with patches" above),
+    sampled as ``RandCropByPosNegLabeld(num_samples=1)`` with the preset's ``crop_pos``/``crop_neg``
+    (:func:`carefl.data.augment.pos_neg_patch`); ``augment`` runs on the batch (:class:`Records`)."""
+
+    def __init__(self, cache: DiskCache, spatial_size: tuple[int, ...], pos: float, neg: float, augment):
+        super().__init__(cache, augment)
+        self.spatial_size, self.pos, self.neg = tuple(spatial_size), float(pos), float(neg)
         self.pad = SpatialPadd(["image", "label"], spatial_size)
-
-    def __len__(self) -> int:
-        return len(self.cache)  # records, not patches: the accountant's N
+        self.rand = np.random.RandomState()
+        self._fg: dict[int, int] = {}  # record -> foreground voxels (after padding), counted once
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         item = self.cache[i]
-        with _no_meta(), warnings.catch_warnings():
-            # a record without foreground gets a background patch; nothing to say about it
-            warnings.filterwarnings("ignore", message=".*unable to generate class balanced samples.*")
-            if any(s < p for s, p in zip(item["image"].shape[1:], self.spatial_size)):
+        if any(s < p for s, p in zip(item["image"].shape[1:], self.spatial_size)):
+            with _no_meta():
                 item = self.pad(item)
-            (patch,) = self.crop(item)  # num_samples=1: exactly one
-            patch = self.augment(patch)
+        if i not in self._fg:
+            self._fg[i] = int(torch.count_nonzero(item["label"]))
+        patch = pos_neg_patch(item, self.spatial_size, self.pos, self.neg, self.rand, self._fg[i])  # exactly one
         return _plain(patch["image"]), _plain(patch["label"])
 
 
