@@ -22,8 +22,11 @@ import warnings
 #   hooks on the first layer, whose input is the image;
 # - Opacus RDP "Optimal order is the largest alpha": the RDP bound is only ever a cross-check;
 # - Opacus "First batch is empty": an empty Poisson batch is a real event that
-#   carefl.training.train_epochs turns into a noise-only step, as the accountant counts it.
-for _message in ("Secure RNG turned off", "Full backward hook is firing", "Optimal order is the largest alpha"):
+#   carefl.training.train_epochs turns into a noise-only step, as the accountant counts it;
+# - SQLAlchemy "The ``noload`` loader strategy is deprecated": MLflow's SQLite store
+#   (tracking=mlflow), about MLflow's own code.
+for _message in ("Secure RNG turned off", "Full backward hook is firing", "Optimal order is the largest alpha",
+                 "The ``noload`` loader strategy is deprecated"):
     warnings.filterwarnings("ignore", message=f".*{_message}")
 logging.getLogger("opacus.data_loader").addFilter(lambda record: "First batch is empty" not in record.getMessage())
 

@@ -427,6 +427,26 @@ def _check_secagg(cfg: DictConfig, n: int) -> int:
     return buckets_needed(n, size)
 
 
+def _check_tracking(cfg: DictConfig) -> None:
+    """``tracking`` (conf/tracking/): the viewers a run also writes to (carefl/tracking.py).
+    A config saved before the group existed means TensorBoard."""
+    if OmegaConf.select(cfg, "tracking") is None:
+        return
+    if _choice(cfg, "tracking.name", ("tensorboard", "mlflow")) != "mlflow":
+        return
+    uri = _get(cfg, "tracking.uri")
+    _require(uri is None or (isinstance(uri, str) and uri.strip() != ""),
+             f"tracking.uri={_show(uri)} is not a URI; use e.g. http://mlflow.example.org:5000 or "
+             "sqlite:////abs/path/mlflow.db, or null for a SQLite file beside the run directories")
+    _require(isinstance(_get(cfg, "tracking.experiment"), str) and cfg.tracking.experiment.strip() != "",
+             f"tracking.experiment={_show(cfg.tracking.experiment)} must name an MLflow experiment, e.g. carefl")
+    import importlib.util
+
+    _require(importlib.util.find_spec("mlflow") is not None,
+             "tracking=mlflow needs MLflow, which is not installed here: pip install -e \".[mlflow]\" "
+             "(mlflow-skinny and its SQLite store), or use tracking=tensorboard")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check every value a run reads before anything is written; each failure is one line
     naming the key, the bad value and the fix.
@@ -455,6 +475,7 @@ def validate(cfg: DictConfig) -> None:
     from carefl.robust import check_assumptions  # local: robust imports torch-heavy code
 
     _check_compression(cfg)
+    _check_tracking(cfg)
     rows = _check_secagg(cfg, n)
     check_assumptions(cfg.strategy, rows, "hospitals" if rows == n and not cfg.strategy.secagg.enabled else
                       f"secure buckets of strategy.secagg.bucket_size={cfg.strategy.secagg.bucket_size} among {n} hospitals")

@@ -27,9 +27,11 @@ import json
 import math
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from carefl.checkpoint import atomic_write_text
 from carefl.tasks import HEADLINE, metric_names
-from carefl.tracking import Tracker
+from carefl.tracking import MlflowView, Tracker, flat_params
 
 
 def _weighted_mean(values: dict[str, dict[str, float]], key: str) -> float:
@@ -76,7 +78,11 @@ class Report:
             "baselines": {},
         }
         self.identity = _identity(cfg)
-        self.tracker = Tracker(self.run_dir, self.metric_names)
+        mlflow = None
+        if OmegaConf.select(cfg, "tracking.name", default="tensorboard") == "mlflow":
+            mlflow = MlflowView(self.run_dir, cfg.tracking.uri, cfg.tracking.experiment,
+                                flat_params(OmegaConf.to_container(cfg, resolve=False)))
+        self.tracker = Tracker(self.run_dir, self.metric_names, mlflow)
 
     def _round(self, server_round: int) -> dict:
         rounds = self.data["rounds"]
@@ -259,7 +265,6 @@ class Report:
         self.data["status"], self.data["message"] = status, message
         self.data["sites"] = self.sites()
         self.save()
-        self.tracker.close()
         summary = self.summary()
         atomic_write_text(self.run_dir / "summary.md", summary)
         from carefl.plots import plot_run  # matplotlib only when a run ends
@@ -273,4 +278,7 @@ class Report:
         from carefl.html_report import write_html
 
         summary = (self.run_dir / "summary.md").read_text()
-        return write_html(self.run_dir, self.data, summary, {**self.identity, "config hash": config_hash}, ledger)
+        path = write_html(self.run_dir, self.data, summary, {**self.identity, "config hash": config_hash}, ledger)
+        self.tracker.close(self.data["status"], [self.run_dir / name for name in
+                                                  ("metrics.json", "summary.md", "report.html", "plots")])
+        return path

@@ -57,3 +57,89 @@ def test_local_training_prints_progress_with_what_is_left(caplog):
     assert result.steps == 10 and len(lines) == 10
     assert lines[0].startswith("hospital h training: step 1/10 (10%)") and "s left" in lines[0]
     assert lines[-1].startswith("hospital h training: step 10/10 (100%)") and "~0 s left" in lines[-1]
+
+
+def _mlflow_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    from mlflow import MlflowClient
+
+    return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def test_tracking_mlflow_logs_the_run_and_a_resumed_run_continues_it(tmp_path):
+    """tracking=mlflow: one MLflow run per CareFL run in a real SQLite store (MLflow's own client
+    reads it back): the config as params, each round's scalars equal to metrics.json, the end
+    status and the report files as artifacts. A run stopped in round 2 and resumed continues the
+    same MLflow run, each round logged once, and ends FINISHED."""
+    from mlflow import MlflowClient
+
+    from carefl.rounds import RunStopped
+
+    class StoppedInRound2(LocalTransport):
+        def exchange(self, kind, node_ids, request, state, server_round, timeout):
+            if (server_round, kind) == (2, "train"):
+                raise RunStopped("the run was stopped (flwr stop)")
+            yield from super().exchange(kind, node_ids, request, state, server_round, timeout)
+
+    overrides = [*TINY.split(), "federation.rounds=3", "privacy=none", "tracking=mlflow", f"output_dir={tmp_path}",
+                 "run_id=r"]
+    run_dir = run_federation(StoppedInRound2(3), compose_config(overrides))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("carefl")
+    (stopped,) = client.search_runs([experiment.experiment_id])
+    assert stopped.info.status == "KILLED" and stopped.info.run_name == "r"
+    assert stopped.data.params["federation.rounds"] == "3" and stopped.data.params["tracking.name"] == "mlflow"
+    assert _mlflow_history(uri, stopped.info.run_id, "aggregate/dice") != []
+
+    resume = [f"resume={run_dir}", f"output_dir={tmp_path}"]
+    run_federation(LocalTransport(3), compose_config(resume), resume)
+    (run,) = client.search_runs([experiment.experiment_id])  # the same MLflow run, not a second one
+    assert run.info.run_id == stopped.info.run_id and run.info.status == "FINISHED"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key, path in (("aggregate/dice", ("aggregate", "dice")), ("eval/dice/riverside", ("eval", "riverside", "dice"))):
+        logged = _mlflow_history(uri, run.info.run_id, key)
+        expected = []
+        for record in metrics["rounds"]:
+            value = record
+            for part in path:
+                value = value[part]
+            expected.append((record["round"], value))
+        assert [s for s, _ in logged] == [1, 2, 3]  # each round once, across the stop and the resume
+        assert all(abs(a[1] - b[1]) < 1e-6 for a, b in zip(logged, expected))
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"metrics.json", "summary.md", "report.html", "plots"} <= artifacts
+    local = tmp_path / "mlflow-artifacts"  # beside the SQLite file, not in the working directory's ./mlruns
+    assert run.info.artifact_uri.startswith(local.as_uri()) and (local / run.info.run_id / "artifacts" / "report.html").is_file()
+
+
+def test_an_mlflow_store_that_fails_costs_a_warning_not_the_run(tmp_path, caplog):
+    """A tracking server that cannot be reached: the federation completes, its record is
+    intact, and the log says once why the MLflow view stopped."""
+    import logging
+
+    from conftest import free_ports
+
+    logging.getLogger("carefl").propagate = True
+    (port,) = free_ports(1)  # nothing listens there
+    cfg = compose_config([*TINY.split(), "federation.rounds=1", "privacy=none", "tracking=mlflow",
+                          f"tracking.uri=http://127.0.0.1:{port}", f"output_dir={tmp_path}"])
+    with caplog.at_level(logging.WARNING, logger="carefl"):
+        run_dir = run_federation(LocalTransport(3), cfg)
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"
+    warnings = [r.getMessage() for r in caplog.records if "MLflow tracking at" in r.getMessage()]
+    assert len(warnings) == 1 and f"127.0.0.1:{port}" in warnings[0] and "metrics.json stays the record" in warnings[0]
+
+
+def test_tracking_mlflow_without_mlflow_installed_is_one_line_with_the_fix(monkeypatch):
+    import importlib.util
+
+    import pytest
+
+    from carefl.config import validate
+    from carefl.errors import ConfigError
+
+    cfg = compose_config(["tracking=mlflow"])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(ConfigError, match=r'tracking=mlflow needs MLflow.*pip install -e "\.\[mlflow\]"'):
+        validate(cfg)
