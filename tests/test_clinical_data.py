@@ -563,3 +563,58 @@ def test_a_multiframe_dicom_without_per_frame_geometry_is_refused_not_misplaced(
     entries = [{"image": name, "label": mask}] * 2
     with pytest.raises(DataError, match="mf.dcm is a multi-frame DICOM without per-frame geometry.*dcm2niix"):
         load_hospital(cfg_for("task=seg3d", "data.spatial_size=[8,8,8]"), "h", 0, data_path=datalist(tmp_path, entries))
+
+
+def test_batched_augmentation_draws_what_the_monai_transforms_declare():
+    """Rotation is MONAI's Rotate, exactly; flips, scaling, shifting and rotation each happen to
+    about `prob` of the samples, independently; a batch keeps its length (one patch per record)."""
+    from monai.transforms import Rotate
+
+    from carefl.data.augment import BatchAugment, _rotate
+    from carefl.data.presets import build_transforms, load_preset
+
+    _, augment = build_transforms(load_preset("png2d"))
+    rotated = next(t for t in augment.transforms if type(t).__name__ == "RandRotated")
+    image = torch.rand(1, 1, 20, 28)
+    torch.manual_seed(3)
+    batch = _rotate(rotated)({"image": image.repeat(64, 1, 1, 1)})
+    torch.manual_seed(3)
+    chosen = torch.rand(64) < rotated.prob
+    angles = (-0.26 + 0.52 * torch.rand(64, dtype=torch.float64))[chosen]
+    for out, angle in zip(batch["image"][chosen], angles):
+        expected = torch.as_tensor(Rotate(float(angle), mode="bilinear", padding_mode="zeros")(image[0]))
+        assert (out - expected).abs().max() < 1e-4
+    assert torch.equal(batch["image"][~chosen], image.repeat(int((~chosen).sum()), 1, 1, 1))
+
+    collate = BatchAugment(augment)
+    x = torch.ones(1, 16, 16)
+    x[:, :8] = 2.0  # top half bright: a flip along axis 0 moves it
+    label = (x > 1.5).float()
+    images, labels = collate([(x, label)] * 2000)
+    assert images.shape == (2000, 1, 16, 16) and set(labels.unique().tolist()) <= {0.0, 1.0}
+    flipped = (labels[:, 0, 12, 8] == 1.0).float().mean()
+    assert 0.45 < flipped < 0.55  # RandFlipd prob 0.5 (rotations of <= 15 degrees keep these pixels)
+    centre = images[:, 0, 8, 8] / torch.where(labels[:, 0, 8, 8] > 0, 2.0, 1.0)
+    assert 0.4 < ((centre - 1.0).abs() > 1e-3).float().mean() < 0.9  # intensity jitter, not on everyone
+
+
+def test_the_patch_sampler_draws_foreground_centres_as_monai_does():
+    """pos_neg_patch with crop_pos = crop_neg: half the patches centred on the (tiny) foreground,
+    every patch inside the image and of the requested size."""
+    import numpy as np
+
+    from carefl.data.augment import pos_neg_patch
+
+    label = torch.zeros(1, 64, 64)
+    label[0, 5:7, 50:52] = 1.0  # 4 foreground voxels near an edge
+    image = torch.arange(64 * 64, dtype=torch.float32).view(1, 64, 64)
+    rand = np.random.RandomState(0)
+    hits = 0
+    for _ in range(1000):
+        patch = pos_neg_patch({"image": image, "label": label}, (16, 16), 1.0, 1.0, rand)
+        assert patch["image"].shape == patch["label"].shape == (1, 16, 16)
+        hits += int(patch["label"].sum() == 4)
+    # foreground centre (p = 0.5) always holds all 4 voxels; a background centre rarely does
+    assert 0.45 < hits / 1000 < 0.6
+    whole = pos_neg_patch({"image": image, "label": label}, (64, 64), 1.0, 1.0, rand)
+    assert torch.equal(whole["image"], image)

@@ -77,7 +77,7 @@ def test_synthetic_is_deterministic_from_seed_and_index():
 def test_synthetic_data_is_cached_in_process():
     cfg = make_cfg(*SMALL)
     first, second = load_hospital(cfg, "st-mary", 0), load_hospital(cfg, "st-mary", 0)
-    assert first.train.tensors[0] is second.train.tensors[0]
+    assert first.train.cache is second.train.cache and first.test.cache is second.test.cache
 
 
 def lesion_contrast(images: torch.Tensor, masks: torch.Tensor) -> float:
@@ -88,14 +88,25 @@ def lesion_contrast(images: torch.Tensor, masks: torch.Tensor) -> float:
     return float(inside - outside)
 
 
+def scanned(index: int, side: int, n_train: int, **mix) -> tuple[torch.Tensor, torch.Tensor]:
+    """Site ``index``'s training images as its scanner renders them (seed 0), before the preset
+    (png2d scales every image to [0, 1], which takes out the scanner's gain and offset)."""
+    from carefl.data.synthetic import _generate
+
+    return _generate(index, 0, "segmentation", 2, side, n_train, 8, mix.get("alpha"), mix.get("sites", 10))[0]
+
+
 def test_default_sites_differ_in_contrast_sizes_and_appearance():
     cfg = make_cfg("data.image_size=32", "data.n_train=40", "data.n_test=8")
     sites = [load_hospital(cfg, h, i) for i, h in enumerate(cfg.federation.hospitals)]
     contrasts = [lesion_contrast(*sites[i].train.tensors) for i in range(3)]
     assert all(c > 0 for c in contrasts)  # one sequence: lesions brighter than tissue everywhere
-    means = [float(s.train.tensors[0].mean()) for s in sites]
+    raw = [scanned(i, 32, 40) for i in range(3)]
+    means = [float(x.mean()) for x, _ in raw]
     assert means[1] > 1.5 * means[0]  # riverside: strong scanner gain ...
-    assert contrasts[1] / means[1] < 0.6 * contrasts[0] / means[0]  # ... and low relative contrast
+    raw_contrasts = [lesion_contrast(*r) for r in raw]
+    assert raw_contrasts[1] / means[1] < 0.6 * raw_contrasts[0] / means[0]  # ... and low relative contrast
+    assert contrasts[1] < 0.95 * contrasts[0]  # after the [0, 1] scaling still lower, though closer
     assert [len(s.train) for s in sites] == [40, 50, 30]  # size_scale 1.0, 1.25, 0.75
     assert all(len(s.test) == 8 for s in sites)
     stds = [float(s.train.tensors[0].std()) for s in sites]
@@ -125,12 +136,11 @@ def test_procedural_sites_are_stable_and_distinct():
 def test_site_mix_alpha_dials_scanner_heterogeneity_between_hospitals():
     """Dirichlet(alpha) scanner mixes: alpha=100 makes riverside and st-mary the same even mix
     of the 3 scanners (their mean intensities meet); null keeps each on its own scanner."""
-    def mean_gap(*extra):
-        cfg = make_cfg("data.image_size=16", "data.n_train=200", "data.n_test=8", "data.site_mix_sites=3", *extra)
-        a, b = (float(load_hospital(cfg, h, i).train.tensors[0].mean()) for i, h in ((0, "a"), (1, "b")))
+    def mean_gap(alpha=None):  # of the scanned images: the preset's scaling takes out the gain
+        a, b = (float(scanned(i, 16, 200, alpha=alpha, sites=3)[0].mean()) for i in (0, 1))
         return abs(a - b) / max(a, b)
 
-    own, mixed = mean_gap(), mean_gap("data.site_mix_alpha=100")
+    own, mixed = mean_gap(), mean_gap(100.0)
     assert own > 0.3 and mixed < 0.1, (own, mixed)
     cfg = make_cfg(*SMALL, "data.site_mix_alpha=0.5")
     first, again = load_hospital(cfg, "a", 4), load_hospital(cfg, "a", 4)
@@ -315,3 +325,27 @@ def test_path_traversal_is_rejected_with_the_entry_named(tmp_path):
     entries[1] = {"image": "../" + entries[1]["image"], "label": "../" + entries[1]["label"]}
     datalist = write_datalist(site, seg_pairs(site, 1, (20, 20)) + [entries[1]])
     assert_data_error(make_cfg(*DECATHLON_2D), "st-mary", datalist, "training[1]", "outside", "img1.nii.gz")
+
+
+def test_synthetic_images_go_through_the_presets_steps_and_augmentation(monkeypatch):
+    """The synthetic consortium takes the real-data path: a preset whose steps map every image
+    into [10, 11] and whose augmentation always adds 5 shows in the loaded records and batches."""
+    import carefl.data.synthetic as synthetic
+    from carefl.data.presets import load_preset
+    from carefl.training import make_loader
+
+    real = load_preset("png2d")
+    spec = {**real.spec,
+            "steps": [{"_target_": "monai.transforms.ScaleIntensityd", "keys": ["image"], "minv": 10.0, "maxv": 11.0}],
+            "augment": [{"_target_": "monai.transforms.RandShiftIntensityd", "keys": ["image"], "offsets": [5.0, 5.0],
+                         "prob": 1.0}]}
+    monkeypatch.setattr(synthetic, "load_preset", lambda name, digest=None: type(real)(name, spec, "f" * 64))
+    hd = load_hospital(make_cfg(*SMALL), "st-mary", 0)
+    images, masks = hd.train.tensors  # prepared records: the preset's steps ran once per image
+    assert images.amin(dim=(1, 2, 3)).allclose(torch.tensor(10.0)) and images.amax(dim=(1, 2, 3)).allclose(torch.tensor(11.0))
+    x, y = next(iter(make_loader(hd.train, 8, 0)))  # training batches: the preset's augmentation
+    assert x.min() >= 15.0 - 1e-4 and x.max() <= 16.0 + 1e-4 and set(y.unique().tolist()) == {0.0, 1.0}
+    test_x, _ = hd.test[0]  # the test split is never augmented
+    assert 10.0 - 1e-4 <= test_x.min() and test_x.max() <= 11.0 + 1e-4
+    _, labels = tensors(load_hospital(make_cfg("task=cls2d", *SMALL), "st-mary", 0).test)
+    assert labels.dtype == torch.int64

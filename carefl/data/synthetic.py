@@ -42,6 +42,12 @@ images with each -- the segmentation analogue of the Dirichlet label skew of
 hospital the same even mix of K scanners (nearly i.i.d.), ``alpha = 0.1`` gives each hospital
 mostly one (random) scanner. The hospital's own size scale still sets how many images it has.
 
+Preprocessing (``data.preprocess``, default ``png2d``): the rendered images are what each site's
+scanner produces; they then take the real-data path (:func:`load_synthetic`): the preset's
+``steps`` once per image (png2d scales each image to [0, 1], which takes out the scanner's gain
+and offset as it would for a real hospital's PNGs; contrast, noise, blur, bias field and lesions
+still differ by site), its ``augment`` on every training batch.
+
 The images themselves are drawn from ``(seed, index, split)``: same config -> bitwise identical
 tensors. Generation is vectorised over images (seg2d, all three default sites: ~0.2 s; seg3d ~1.5 s) and
 cached in-process, because Flower re-creates the ClientApp every round in the same process.
@@ -50,6 +56,7 @@ cached in-process, because Flower re-creates the ClientApp every round in the sa
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,8 +64,9 @@ import torch
 import torch.nn.functional as F
 from monai.transforms import GaussianSmooth, RandBiasField
 from monai.utils import convert_to_tensor
-from torch.utils.data import TensorDataset
-
+from carefl.data.cache import DiskCache
+from carefl.data.decathlon import Patches, Records, _plain
+from carefl.data.presets import build_transforms, load_preset
 from carefl.errors import ConfigError
 
 _SUBBLOBS = 3  # ellipsoids per lesion (their union makes the lesion irregular)
@@ -244,12 +252,20 @@ def _generate(
     return mixed(n_site, train_seed % 2**62), mixed(n_test, test_seed % 2**62)
 
 
-def load_synthetic(data: dict, task: dict, seed: int, index: int) -> tuple[TensorDataset, TensorDataset]:
-    """(train, test) datasets of the synthetic hospital at ``index``.
+def load_synthetic(data: dict, task: dict, seed: int, index: int) -> tuple[Records, Records]:
+    """(train, test) datasets of the synthetic hospital at ``index``, through the real-data path.
+
+    The generated images are records like a datalist's: the preset's ``steps``
+    (``data.preprocess``, default ``png2d``) run once per image and are kept in a
+    :class:`~carefl.data.cache.DiskCache` (in memory); training draws go through
+    :class:`~carefl.data.decathlon.Patches` (segmentation: the patch is the whole image) or
+    :class:`~carefl.data.decathlon.Records` (classification), whose loader applies the preset's
+    ``augment`` to each batch; the test split is not augmented.
 
     Args:
-        data: ``cfg.data`` (image_size, image_size_3d, n_train, n_test; optional
-            site_mix_alpha, site_mix_sites: scanner mixing, see "Heterogeneity" above).
+        data: ``cfg.data`` (image_size, image_size_3d, n_train, n_test, preprocess and the
+            request's preprocess_digest; optional site_mix_alpha, site_mix_sites: scanner
+            mixing, see "Heterogeneity" above).
         task: ``cfg.task`` (kind, spatial_dims, in_channels, num_classes).
         seed: ``cfg.seed``.
         index: the hospital's position in ``federation.hospitals``.
@@ -279,8 +295,40 @@ def load_synthetic(data: dict, task: dict, seed: int, index: int) -> tuple[Tenso
         if int(data[key]) < (8 if key == side_key else 1):
             raise ConfigError(f"data.{key}={data[key]} is too small; use at least {8 if key == side_key else 1}")
     alpha = data.get("site_mix_alpha")
-    train, test = _generate(
+    preset = load_preset(data.get("preprocess", "png2d"), data.get("preprocess_digest"))
+    train, test = _prepared(
         index, int(seed), kind, dims, int(data[side_key]), int(data["n_train"]), int(data["n_test"]),
-        None if alpha is None else float(alpha), int(data.get("site_mix_sites", 10)),
+        None if alpha is None else float(alpha), int(data.get("site_mix_sites", 10)), preset.name, preset.digest,
     )
-    return TensorDataset(*train), TensorDataset(*test)
+    _, augment = build_transforms(preset)
+    if kind == "segmentation":  # the real-data path: one patch per draw (here the whole image)
+        side = int(data[side_key])
+        return Patches(train, (side,) * dims, preset.spec["crop_pos"], preset.spec["crop_neg"], augment), \
+            Records(test, None)
+    return Records(train, augment), Records(test, None)
+
+
+@functools.lru_cache(maxsize=256)
+def _prepared(index: int, seed: int, kind: str, dims: int, side: int, n_train: int, n_test: int,
+              mix_alpha: float | None, mix_sites: int, preset_name: str, digest: str) -> tuple[DiskCache, DiskCache]:
+    """The generated images after the preset's ``steps``, as the real-data path keeps them
+    (:class:`carefl.data.cache.DiskCache` in memory), once per process."""
+    splits = _generate(index, seed, kind, dims, side, n_train, n_test, mix_alpha, mix_sites)
+    preset = load_preset(preset_name, digest)
+    steps, _ = build_transforms(preset)
+    config_key = json.dumps(["synthetic", preset.digest, index, seed, kind, dims, side, n_train, n_test,
+                             mix_alpha, mix_sites])
+    caches = []
+    for split, (images, labels) in zip(("train", "test"), splits):
+        def prepare(record: dict, images=images, labels=labels) -> tuple[dict, dict]:
+            i = record["label"]
+            item = {"image": images[i]}
+            item.update({"class": int(labels[i])} if kind == "classification" else {"label": labels[i]})
+            item = steps(item)
+            out = {"image": _plain(item["image"])}
+            out.update({"class": int(item["class"])} if kind == "classification" else {"label": _plain(item["label"])})
+            return out, {}
+
+        records = [{"name": f"{split}[{i}]", "image": [], "label": i} for i in range(len(images))]
+        caches.append(DiskCache(records, prepare, None, config_key, f"synthetic site {index}"))
+    return caches[0], caches[1]
