@@ -18,6 +18,7 @@ names the problem; the hospital's data, budget and key never leave it.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ from carefl.errors import CareFLError, ConfigError
 from carefl.ledger import hash_state_dict
 from carefl.models import build_model, plain_state_dict
 from carefl.receipts import LOG_FILE, ReceiptLog, SigningKey, history_hash, make_receipt
+from carefl.replies import MAX_GALLERY_IMAGES, png_problem
 from carefl.request import Request, parse_request
 from carefl.secagg import member
 from carefl.site import SitePolicy, admit, read_policy
@@ -62,6 +64,8 @@ class HospitalReply:
     None when the hospital could not get as far as its key. ``secagg``: under secure
     aggregation, the signed advert of a training reply, or a stage's reply
     (:mod:`carefl.secagg.member`); its masked input is ``state["masked"]`` (int32, (d,)).
+    ``gallery``: the final evaluation's explanation PNGs, only when its site policy says
+    ``share-gallery: true`` (:func:`explanation_gallery`).
     """
 
     hospital: str
@@ -71,13 +75,18 @@ class HospitalReply:
     metrics: dict[str, float] = field(default_factory=dict)
     receipt: dict | None = None
     secagg: dict | None = None
+    gallery: list[bytes] | None = None
 
     def status_record(self) -> dict[str, str]:
         """The ``status`` record every transport sends: hospital, status, reason, receipt and
-        secagg (JSON text, "" when absent)."""
-        return {"hospital": self.hospital, "status": self.status, "reason": self.reason,
-                "receipt": json.dumps(self.receipt) if self.receipt is not None else "",
-                "secagg": json.dumps(self.secagg) if self.secagg is not None else ""}
+        secagg (JSON text, "" when absent); ``gallery`` (a JSON list of base64 PNGs,
+        :func:`carefl.replies.check_gallery`) only when there is one to send."""
+        record = {"hospital": self.hospital, "status": self.status, "reason": self.reason,
+                  "receipt": json.dumps(self.receipt) if self.receipt is not None else "",
+                  "secagg": json.dumps(self.secagg) if self.secagg is not None else ""}
+        if self.gallery:
+            record["gallery"] = json.dumps([base64.b64encode(png).decode() for png in self.gallery])
+        return record
 
 
 class _FlippedLabels(Dataset):
@@ -566,13 +575,61 @@ def ditto_step(request: Request, policy: SitePolicy, key: SigningKey, receipts: 
     return history_after
 
 
+#: test images in a hospital's explanation gallery (at most replies.MAX_GALLERY_IMAGES)
+GALLERY_IMAGES = 3
+#: where a hospital keeps its galleries (under its state dir): gallery/<16 hex of the run id>/<i>.png
+GALLERY_DIR = "gallery"
+
+
+def explanation_gallery(request: Request, policy: SitePolicy, model: torch.nn.Module, data) -> list[bytes]:
+    """A small explanation gallery of ``model`` (the final global model) on this hospital's own
+    test split, computed here with :mod:`carefl.explain`: for its first :data:`GALLERY_IMAGES`
+    test images, segmentation: the foreground probability and its flip-TTA variance over the
+    image; classification: occlusion sensitivity and GradCAM of the predicted class.
+
+    Always written to ``<state-dir>/gallery/<16 hex of the run id>/<i>.png`` (the hospital's to
+    look at, whatever its policy). Returns the PNGs that pass the server's bounds
+    (:func:`carefl.replies.png_problem`; one that does not is logged and left out) --
+    :func:`evaluate_round` sends them only when the site policy says ``share-gallery: true``.
+    """
+    from carefl.data.decathlon import SlidingWindow
+    from carefl.explain import classification_maps, save_overlay, segmentation_maps
+
+    task = request.config.task
+    folder = policy.state_dir / GALLERY_DIR / request.run_id[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    pngs = []
+    for i in range(min(GALLERY_IMAGES, MAX_GALLERY_IMAGES, len(data.test))):
+        image = torch.as_tensor(data.test[i][0]).float()
+        if task.kind == "segmentation":
+            window = data.window or SlidingWindow(tuple(image.shape[1:]), 0.0, 1)
+            maps = segmentation_maps(model, image, window, int(task.num_classes))
+            what = "foreground probability, flip-TTA variance"
+        else:
+            with torch.no_grad():
+                target = int(model.eval()(image[None]).argmax())
+            maps = classification_maps(model, image, target)
+            what = f"evidence for predicted class {target}"
+        path = save_overlay(image, maps, folder / f"{i + 1}.png",
+                            f"{policy.hospital}, test image {i + 1}, final model: {what}")
+        png = path.read_bytes()
+        problem = png_problem(png)
+        if problem:
+            log.warning("hospital %s: gallery image %s is not sent: %s", policy.hospital, path, problem)
+        else:
+            pngs.append(png)
+    return pngs
+
+
 def evaluate_round(request: Request, policy: SitePolicy, global_state: dict[str, torch.Tensor]) -> HospitalReply:
     """Metrics of the global model on this hospital's held-out split, with ``trivial_<m>``: the
     same metric of a rule that needs no model (:func:`carefl.tasks.trivial_metrics`), so the
     server can say when a model is no better than it. Also ``personal_<m>`` of its personal
     model (the model itself stays here): every round with ``fedbn`` (global weights + its own
     normalisation) and ``ditto`` (its v, :func:`ditto_step`), after the last round with
-    ``finetune`` (:func:`personalize`). Plus ``num_examples`` and
+    ``finetune`` (:func:`personalize`). After the last round: the explanation gallery of the
+    final model (:func:`explanation_gallery`), kept in its state dir and sent only when its
+    site policy says ``share-gallery: true``. Plus ``num_examples`` and
     ``eval_seconds`` (wall time of loading, building, fine-tuning and evaluating)."""
     start = time.perf_counter()
     cfg = request.config
@@ -583,6 +640,10 @@ def evaluate_round(request: Request, policy: SitePolicy, global_state: dict[str,
     metrics.update({f"trivial_{k}": v for k, v in trivial_metrics(cfg.task, data.test).items()})
     if policy.share_data_card and data.card is not None:  # its own decision; counts and label frequencies only
         metrics.update(shared_figures(data.card))
+    gallery = None
+    if request.round == cfg.federation.rounds:  # images leave only by its own policy
+        pngs = explanation_gallery(request, policy, model, data)
+        gallery = pngs if policy.share_gallery and pngs else None
     mode, personal = personalization(cfg), None
     if mode == "fedbn" and _norm_path(policy, request).exists():  # global weights + its own normalisation
         personal = _with_local_norms(cfg, policy, request, global_state)
@@ -594,7 +655,7 @@ def evaluate_round(request: Request, policy: SitePolicy, global_state: dict[str,
         model.load_state_dict(personal)
         metrics.update({f"personal_{k}": v for k, v in evaluate(model, data.test, cfg.task, window=data.window).items()})
     metrics.update(num_examples=float(len(data.test)), eval_seconds=time.perf_counter() - start)
-    return HospitalReply(policy.hospital, "ok", "", None, metrics)
+    return HospitalReply(policy.hospital, "ok", "", None, metrics, gallery=gallery)
 
 
 def handle(kind: str, request_text: str, global_state: Mapping[str, torch.Tensor], node_config: Mapping,

@@ -10,6 +10,9 @@ PNG plots, the ledger's state):
 - the summary tables (federated, personalized and baseline models per test split with their
   bootstrap intervals, what joining bought each hospital, per-class Dice, shared data cards);
 - every plot, inlined as base64 PNG with a sentence on how to read it;
+- each hospital's explanation gallery (computed at the hospital on its own test split, sent
+  only where its site policy says ``share-gallery: true``; otherwise the page says the hospital
+  kept it local);
 - the events: refusals (a hospital declined: budget, policy, data), updates left out by the
   server and why, missing replies, per round;
 - the ledger: entries and head hash at the time of writing, and the command that verifies it.
@@ -148,6 +151,39 @@ def _plots(plots_dir: Path) -> str:
     return "".join(figures) or "<p>No plots were written.</p>"
 
 
+#: how to read a gallery, by task kind
+GALLERY_NOTES = {
+    "segmentation": "Each row: a test image, the final model's foreground probability over it (mean over the "
+                    "image and its flips along every axis) and the variance of that probability across the "
+                    "flips (bright where the answer depends on the flip: uncertain, typically at borders).",
+    "classification": "Each row: a test image, occlusion sensitivity (how much the predicted class's score drops "
+                      "when a patch is blurred out) and GradCAM of the last convolution (evidence for that class).",
+}
+
+
+def _gallery(run_dir: Path, data: dict, kind: str) -> str:
+    """Each hospital's explanation gallery as the server received it (``data["gallery"]``, PNGs
+    checked by :func:`carefl.replies.check_gallery`), or a line saying it stayed at the hospital."""
+    final = data["rounds"][-1]["eval"] if data["rounds"] else {}
+    shared = data.get("gallery") or {}
+    parts = [f'<p class="note">Computed by each hospital with <code>carefl.explain</code> on its own test split, '
+             f"for the final federated model. {_esc(GALLERY_NOTES.get(kind, ''))} A hospital sends its gallery only "
+             "if its site policy says <code>share-gallery: true</code>; images are patient data.</p>"]
+    for h in data["hospitals"]:
+        files = [run_dir / f for f in shared.get(h, []) if (run_dir / f).is_file()]
+        if files:
+            parts.append(f"<h3>{_esc(h)}</h3>" + "".join(
+                f'<figure><img alt="gallery {_esc(h)} {i}" src="data:image/png;base64,'
+                f'{base64.b64encode(f.read_bytes()).decode()}"><figcaption>{_esc(h)}, test image {i}</figcaption></figure>'
+                for i, f in enumerate(files, 1)))
+        elif h in final:
+            parts.append(f'<p class="note">{_esc(h)} kept its gallery local: its site policy does not share images '
+                         "(<code>share-gallery</code>), so it is only in its own state dir (<code>gallery/</code>).</p>")
+        else:
+            parts.append(f'<p class="note">{_esc(h)}: no gallery (it did not evaluate the final model).</p>')
+    return "".join(parts)
+
+
 def write_html(run_dir: Path, data: dict, summary_md: str, identity: dict, ledger: dict) -> Path:
     """Write ``run_dir/report.html`` (atomically) and return its path.
 
@@ -168,6 +204,7 @@ def write_html(run_dir: Path, data: dict, summary_md: str, identity: dict, ledge
 bootstrap interval over that split's test images (how much the figure depends on which patients happened to be
 in the test split), not over training runs.</p>
 <h2>Plots</h2>{_plots(run_dir / 'plots')}
+<h2>Explanations</h2>{_gallery(run_dir, data, 'segmentation' if data['headline'] == 'dice' else 'classification')}
 <h2>Events</h2>{_events(data)}
 <h2>Audit</h2><p>Ledger: {_esc(ledger['entries'])} entries written, head <code>{_esc(ledger['head'])}</code>; the final
 entry, written after this page, records the hashes of <code>model_final.pt</code>, <code>config.yaml</code>,

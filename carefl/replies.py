@@ -29,9 +29,12 @@ What a training reply must hold (else H is left out of the round, reason logged)
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import re
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +48,14 @@ from carefl.receipts import receipt_problem
 from carefl.secagg import member
 
 MAX_RECEIPT_CHARS = 16384
+#: a hospital's explanation gallery in its final evaluation reply (site policy ``share-gallery``):
+#: at most this many PNGs, each at most this many bytes and pixels a side
+MAX_GALLERY_IMAGES = 4
+MAX_GALLERY_PNG_BYTES = 256 * 1024
+MAX_GALLERY_SIDE = 2048
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+#: the status record's ``gallery`` text: a JSON list of base64 PNGs, so at most this long
+MAX_GALLERY_CHARS = MAX_GALLERY_IMAGES * (4 * (MAX_GALLERY_PNG_BYTES + 2) // 3 + 4) + 2
 #: a shared data-card figure in an evaluation reply (carefl.data.card.shared_figures)
 CARD_KEY = re.compile(r"card_(train_records|test_records|problems|label_\d{1,4}|class_\d{1,4})")
 MAX_REASON_CHARS = 2000
@@ -360,6 +371,59 @@ def _receipt_mismatch(receipt: dict, name: str, ctx: RoundContext) -> str | None
     return next((why for ok, why in checks if not ok), None)
 
 
+class EvalMetrics(dict):
+    """A checked evaluation: its metrics (``{name: float}``, the dict itself) and ``gallery``,
+    the hospital's explanation PNGs (bytes, each passed :func:`png_problem`), empty unless its
+    site policy shares them. :meth:`carefl.report.Report.add_evaluation` writes them out."""
+
+    gallery: tuple[bytes, ...] = ()
+
+
+def png_problem(png: bytes) -> str | None:
+    """Why ``png`` may not be shown in a report, or None: it must be at most
+    :data:`MAX_GALLERY_PNG_BYTES`, start with the PNG signature and an IHDR chunk of 1 to
+    :data:`MAX_GALLERY_SIDE` pixels a side, and end with the IEND chunk. It is never decoded
+    here (the report inlines it as it is; a reader's browser decodes it). The hospital runs the
+    same check before it sends one."""
+    if len(png) > MAX_GALLERY_PNG_BYTES:
+        return f"a gallery image of {len(png)} bytes is over {MAX_GALLERY_PNG_BYTES}"
+    if len(png) < 45 or not png.startswith(PNG_MAGIC) or png[12:16] != b"IHDR" or not png.endswith(b"IEND\xaeB`\x82"):
+        return "a gallery image is not a PNG (signature, IHDR, IEND)"
+    width, height = struct.unpack(">II", png[16:24])
+    if not (1 <= width <= MAX_GALLERY_SIDE and 1 <= height <= MAX_GALLERY_SIDE):
+        return f"a gallery image of {width}x{height} pixels is over {MAX_GALLERY_SIDE} a side"
+    return None
+
+
+def check_gallery(status: Mapping[str, Any]) -> tuple[tuple[bytes, ...], str]:
+    """``(pngs, "")`` of an evaluation reply's ``gallery`` field (absent or empty: no PNGs), or
+    ``((), why)``: it must be a JSON list of 1 to :data:`MAX_GALLERY_IMAGES` base64 strings, each
+    a PNG that passes :func:`png_problem`; the text is length-checked before it is parsed."""
+    value = status.get("gallery")
+    if value is None or value == "":
+        return (), ""
+    if not isinstance(value, str) or len(value) > MAX_GALLERY_CHARS:
+        return (), f"its gallery is not text of at most {MAX_GALLERY_CHARS} characters"
+    try:
+        items = json.loads(value)
+    except (ValueError, RecursionError):
+        items = None
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_GALLERY_IMAGES or \
+            not all(isinstance(item, str) for item in items):
+        return (), f"its gallery is not a JSON list of 1 to {MAX_GALLERY_IMAGES} base64 PNGs"
+    pngs = []
+    for item in items:
+        try:
+            png = base64.b64decode(item, validate=True)
+        except (ValueError, binascii.Error):
+            return (), "a gallery image is not base64"
+        problem = png_problem(png)
+        if problem:
+            return (), problem
+        pngs.append(png)
+    return tuple(pngs), ""
+
+
 def check_eval_reply(raw: RawReply, names: Mapping[int, str], metric_names: tuple[str, ...]) -> tuple[str | None, dict | str]:
     """``(hospital, metrics)`` of a valid evaluation reply, or ``(hospital or None, reason)``.
 
@@ -367,7 +431,10 @@ def check_eval_reply(raw: RawReply, names: Mapping[int, str], metric_names: tupl
     this round (``names``); the reply must carry every metric of the task in [0, 1] and a
     whole ``num_examples`` >= 1, all finite; it may carry ``<m>_ci_low``/``<m>_ci_high``,
     ``personal_<m>`` (and its interval) and ``trivial_<m>`` for a metric m of the task, in
-    [0, 1] too (``hd95``: a distance in [0, 1e9] voxels).
+    [0, 1] too (``hd95``: a distance in [0, 1e9] voxels). Its status record may carry a
+    ``gallery`` (:func:`check_gallery`); one that breaks those bounds refuses the whole reply
+    (a hospital checks its own images the same way before it sends them). The metrics come
+    back as an :class:`EvalMetrics` holding the gallery's PNGs.
     """
     name = names.get(raw.node_id)
     if raw.error is not None:
@@ -399,4 +466,9 @@ def check_eval_reply(raw: RawReply, names: Mapping[int, str], metric_names: tupl
     n = metrics["num_examples"]
     if n != int(n) or not 1 <= n <= MAX_EXAMPLES:
         return name, f"{name}: evaluation num_examples={n} must be a whole number >= 1"
-    return name, {k: float(v) for k, v in metrics.items()}
+    gallery, problem = check_gallery(status)
+    if problem:
+        return name, f"{name}: {problem}"
+    checked = EvalMetrics({k: float(v) for k, v in metrics.items()})
+    checked.gallery = gallery
+    return name, checked

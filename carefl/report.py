@@ -104,12 +104,26 @@ class Report:
         )
 
     def add_evaluation(self, server_round: int, evaluations: dict[str, dict[str, float]]) -> dict[str, float]:
-        """Per-hospital test metrics; returns the example-weighted aggregate."""
+        """Per-hospital test metrics; returns the example-weighted aggregate. A hospital's
+        explanation gallery (checked PNGs, :class:`carefl.replies.EvalMetrics`) is written to
+        ``gallery/<hospital>/<i>.png`` and listed in ``data["gallery"]`` for ``report.html``."""
         record = self._round(server_round)
-        record["eval"] = evaluations
+        record["eval"] = {h: dict(m) for h, m in evaluations.items()}
+        for h, m in evaluations.items():
+            if getattr(m, "gallery", ()):
+                self._write_gallery(h, m.gallery)
         for name in self.metric_names:
             record["aggregate"][name] = _weighted_mean(evaluations, name)
         return record["aggregate"]
+
+    def _write_gallery(self, hospital: str, pngs) -> None:
+        folder = self.run_dir / "gallery" / hospital  # a listed hospital's name: a safe path component
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("*.png"):
+            old.unlink()
+        for i, png in enumerate(pngs, 1):
+            (folder / f"{i}.png").write_bytes(png)  # inlined in report.html, which the ledger hashes
+        self.data.setdefault("gallery", {})[hospital] = [f"gallery/{hospital}/{i}.png" for i in range(1, len(pngs) + 1)]
 
     def add_timing(self, server_round: int, timing: dict[str, float]) -> None:
         """Server-side wall times of the round's phases (seconds), the round's last record:

@@ -33,6 +33,11 @@ key                    meaning (default)
 ``share-data-card``    ``true``: its evaluation replies carry its data card's record counts
                        and label frequencies (:func:`carefl.data.card.shared_figures`),
                        shown in the run's summary (``false``)
+``share-gallery``      ``true``: after the last round its evaluation reply carries a small
+                       explanation gallery (at most 4 PNG overlays of its own test images,
+                       :func:`carefl.hospital.explanation_gallery`) shown in the run's
+                       ``report.html``; ``false``: the gallery is written to its state dir
+                       only (``<state-dir>/gallery/``) and no image leaves (``false``)
 ``max-bad-files``      datalist records that may fail to load (unreadable, mismatched
                        geometry, bad label values) and be skipped with a warning; more
                        make it refuse the round (0)
@@ -75,7 +80,7 @@ from carefl.request import NAME, Request
 #: keys Flower's simulation engine sets itself
 SIMULATION_KEYS = ("partition-id", "num-partitions")
 DEFAULTS = {"require-dp": True, "max-local-epochs": 10, "max-batch-size": 1024, "max-rounds": 1000, "max-bad-files": 0,
-            "share-data-card": False, "require-secagg": False, "secagg-min-bucket": 3,
+            "share-data-card": False, "share-gallery": False, "require-secagg": False, "secagg-min-bucket": 3,
             "secagg-min-threshold": 0.5}
 #: the default cache-dir under the state dir
 CACHE_DIR = "data-cache"
@@ -83,7 +88,7 @@ CACHE_DIR = "data-cache"
 NODE_KEYS = (
     "hospital", "data-path", "state-dir", "require-dp", "epsilon-cap", "delta", "max-local-epochs",
     "max-batch-size", "max-rounds", "allowed-models", "allowed-tasks", "torch-threads", "key-file", "cache-dir",
-    "max-bad-files", "share-data-card", "require-secagg", "secagg-min-bucket",
+    "max-bad-files", "share-data-card", "share-gallery", "require-secagg", "secagg-min-bucket",
     "secagg-min-threshold", "secagg-peer-keys", "site-policy",
 )
 #: what a real SuperNode must set itself (no default, never from the server)
@@ -124,6 +129,7 @@ class SitePolicy:
     secagg_min_bucket: int
     secagg_min_threshold: float
     secagg_peer_keys: dict[str, str] | None = None
+    share_gallery: bool = False
 
 
 def _policy_file(path: str) -> dict[str, Any]:
@@ -291,6 +297,7 @@ def read_policy(node_config: Mapping[str, Any], request: Request) -> SitePolicy:
         cache_dir=cache_dir, max_bad_files=max_bad, share_data_card=_flag(values, "share-data-card"),
         require_secagg=_flag(values, "require-secagg"), secagg_min_bucket=min_bucket,
         secagg_min_threshold=min_threshold, secagg_peer_keys=_peer_keys(values),
+        share_gallery=_flag(values, "share-gallery"),
     )
 
 
