@@ -194,12 +194,22 @@ def _no_dp_node(path: Path) -> dict:
             "delta": "1e-5", "require-dp": "false"}
 
 
+def _seeded(kind: str, text: str, state: dict, node_config: dict):
+    """``handle`` with the process-wide RNGs reset first: without DP, a round is then a function of
+    the request and the state dir (augmentation draws from them; DP noise would not be)."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    return handle(kind, text, state, node_config)
+
+
 def test_ditto_sends_the_global_update_only_and_keeps_v_at_home(tmp_path):
     from carefl.ledger import hash_state_dict
 
     text, state = request(*DITTO, *NO_DP, server_round=1)
-    reply = handle(TRAIN, text, state, _no_dp_node(tmp_path / "ditto"))
-    plain = handle(TRAIN, *request(*DITTO[:1], *NO_DP, "personalization=none", server_round=1),
+    reply = _seeded(TRAIN, text, state, _no_dp_node(tmp_path / "ditto"))
+    plain = _seeded(TRAIN, *request(*DITTO[:1], *NO_DP, "personalization=none", server_round=1),
                    _no_dp_node(tmp_path / "none"))
     assert reply.status == plain.status == "ok", reply.reason
     # what is sent: exactly the global update a hospital without Ditto sends (same seed, no DP)
@@ -273,9 +283,12 @@ def test_dittos_lambda_is_exactly_the_term_added_after_privatisation():
 
 
 _ROUND_2 = """
-import sys, torch
+import sys, numpy, torch
 from carefl.hospital import TRAIN, handle
 text, state, node = torch.load(sys.argv[1], weights_only=False)
+torch.set_num_threads(1)
+torch.manual_seed(0)
+numpy.random.seed(0)
 assert handle(TRAIN, text, state, node).status == "ok"
 """
 
@@ -285,20 +298,20 @@ def test_dittos_personal_model_survives_a_restart(tmp_path):
 
     first = tmp_path / "first"
     text, state = request(*DITTO, *NO_DP, server_round=1)
-    reply = handle(TRAIN, text, state, _no_dp_node(first))
+    reply = _seeded(TRAIN, text, state, _no_dp_node(first))
     v1 = torch.load(first / PERSONAL_DIR / f"{RUN}.pt", weights_only=True)
     for name in ("restarted", "forgot"):
         shutil.copytree(first, tmp_path / name)
     (tmp_path / "forgot" / PERSONAL_DIR / f"{RUN}.pt").unlink()
     text2, _ = request(*DITTO, *NO_DP, server_round=2)
     # round 2 here, and in a fresh process (a restarted hospital) on a copy of the state dir
-    assert handle(TRAIN, text2, reply.state, _no_dp_node(first)).status == "ok"
+    assert _seeded(TRAIN, text2, reply.state, _no_dp_node(first)).status == "ok"
     job = tmp_path / "round2.pt"
     torch.save((text2, reply.state, _no_dp_node(tmp_path / "restarted")), job)
     proc = subprocess.run([sys.executable, "-c", _ROUND_2, str(job)], capture_output=True, text=True, cwd=ROOT,
                           timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert handle(TRAIN, text2, reply.state, _no_dp_node(tmp_path / "forgot")).status == "ok"
+    assert _seeded(TRAIN, text2, reply.state, _no_dp_node(tmp_path / "forgot")).status == "ok"
     v2, again, fresh = (torch.load(tmp_path / d / PERSONAL_DIR / f"{RUN}.pt", weights_only=True)
                         for d in ("first", "restarted", "forgot"))
     assert any(not torch.equal(v2[k], v1[k]) for k in v1 if v1[k].is_floating_point())
