@@ -25,11 +25,12 @@ to the norms and the clip factors.
 
 1. Forward (BKModule.forward, training mode with grad enabled). A forward pre-hook on each
    layer with trainable parameters sets them to ``requires_grad=False`` for the duration of
-   its own call when its input already requires grad, so autograd records no weight gradient
-   for it (the first layers, whose input is the data, keep theirs: skipping it would cost an
-   input gradient instead; that autograd ``p.grad`` is overwritten by the step). A forward
-   hook stores ``a`` and puts a hook on the output tensor that receives ``g`` (once, summed
-   over all uses of that output).
+   its own call, so autograd records no weight gradient for any layer. A forward hook stores
+   ``a`` and puts a hook on the output tensor that receives ``g`` (once, summed over all uses
+   of that output). The output of a layer that reads the data (input without grad) would then
+   not require grad: it passes through ``_Tap``, an identity tied to a scalar leaf that
+   requires grad, so its ``g`` still arrives and autograd computes neither its weight nor its
+   input gradient.
 2. Backward (``loss.backward()``): autograd computes activation gradients only. When a layer's
    ``g`` arrives, its rule (below) computes the squared per-sample norms ``n2_l`` (shape (B,))
    of that layer's per-sample gradients and keeps what its clipped sum needs.
@@ -55,6 +56,12 @@ per-sample weight gradient is ``W_i = G_i U_i^T`` (p x D); its norm comes one of
   sum is ONE ordinary weight gradient of the per-sample-scaled output gradient,
   ``sum_i c_i G_i U_i^T = weight_grad(c * g, a)``.
 
+Convolutions that read the SAME input tensor with the same kernel, stride, padding and dilation
+(groups = 1, both materialised: a MONAI ResidualUnit's first convolution and its strided
+residual) are materialised together: their output gradients concatenated along the channels,
+``(B, p1 + p2, *S_out)``, go through ONE grouped call, whose ``(B, p1 + p2, D)`` per-sample
+gradients are split back by channel (views). The first ``g`` to arrive waits for the other's.
+
 Ghost is chosen when ``2 L (D + p) < D p`` (:func:`_use_ghost`: wide layers at low resolution,
 e.g. DenseNet's last blocks; measured on CPU), materialise otherwise. A 1x1 stride-1 unpadded
 convolution is a Linear over positions (below). Bias: ``sum_s G_i[:, s]`` (B x p).
@@ -71,13 +78,8 @@ materialised by one ``bmm`` or by the ghost norm with L = T (for T = 1 it is
 ``c * g`` (one matrix product).
 
 GroupNorm (affine): ``dgamma_i[c] = sum_s g_i[c, s] xhat_i[c, s]`` with ``xhat`` the normalised
-input, ``dbeta_i[c] = sum_s g_i[c, s]`` (Opacus' formulas). Both come from PyTorch's own GroupNorm
-backward kernel (``aten.native_group_norm_backward``, weight gradient and bias gradient only)
-applied to the batch folded into the channels: input ``(1, B*C, S)`` in ``B*groups`` groups, whose
-mean and 1/std per (sample, group) are one ``var_mean`` over ``a``; that kernel's "batch" affine
-gradient of the folded input (shape (B*C,)) is the per-sample one,
-``dgamma_i[c] = rstd_ig (sum_s g a - mean_ig sum_s g)``: one pass over ``a`` and ``g`` instead of
-recomputing and storing ``xhat``. Materialised (B x C).
+input, recomputed as ``F.group_norm(a, groups, eps=eps)`` (Opacus' formula);
+``dbeta_i[c] = sum_s g_i[c, s]``. Materialised (B x C).
 
 PReLU: ``dalpha_i = sum of g_i * min(a_i, 0)`` over positions (and channels when
 num_parameters = 1): d prelu(x) / d alpha is x for x < 0, else 0. Materialised.
@@ -107,8 +109,8 @@ Refused with an error, never silently wrong
   outside its module); a second backward through one forward; a new forward before the
   previous backward was consumed by ``optimizer.step()`` / ``zero_grad()`` (no accumulation).
 
-Only BKOptimizer makes gradients: ``p.grad`` after ``loss.backward()`` is None (or, for the
-layers reading the data, autograd's batch gradient), and ``optimizer.pre_step()`` sets it to
+Only BKOptimizer makes gradients: ``p.grad`` after ``loss.backward()`` is None (autograd computes
+no weight gradient at all), and ``optimizer.pre_step()`` sets it to
 the clipped, noised, scaled gradient. In eval mode or under ``torch.no_grad`` the wrapper is a
 plain call of the net.
 """
@@ -211,7 +213,7 @@ def _conv_rule(m: nn.Module, a: torch.Tensor, g: torch.Tensor, names: set[str]):
         def batch_grad(c):  # the ghost clipped sum: one ordinary weight gradient of c * g
             return grads(_per_sample_scaled(g, c), a, 1, m.weight.shape)[1]
 
-        if m.groups == 1 and all(v == 1 for v in (*m.kernel_size, *m.stride)) and not any(m.padding):  # 1x1
+        if _pointwise(m):
             left, right = (a, g) if transposed else (g, a)
             out.append(("weight", *_outer(left.reshape(b, left.shape[1], -1), right.reshape(b, right.shape[1], -1),
                                           m.weight.shape, batch_grad)))
@@ -234,6 +236,47 @@ def _conv_rule(m: nn.Module, a: torch.Tensor, g: torch.Tensor, names: set[str]):
     return out
 
 
+def _fused_conv_rules(modules: list[nn.Module], a: torch.Tensor, gs: list[torch.Tensor], names: list[set[str]]):
+    """:func:`_conv_rule`'s materialised route for convolutions of one geometry that read the same
+    input ``a`` (a MONAI ResidualUnit's first convolution and its strided residual): their output
+    gradients concatenated along the channels, ``(B, sum p, *S_out)``, make ONE grouped weight
+    gradient (input unfolded once, one call); its (B, sum p, ...) per-sample gradients are split
+    back by channel, as views. Returns each module's [(name, n2, summer)]."""
+    m, b = modules[0], a.shape[0]
+    total = sum(mod.out_channels for mod in modules)
+    g = torch.cat(gs, 1)
+    _, weight, bias = torch.ops.aten.convolution_backward(
+        g.reshape(1, -1, *g.shape[2:]), a.reshape(1, -1, *a.shape[2:]), a.new_empty((b * total, *m.weight.shape[1:])),
+        [b * total], m.stride, m.padding, m.dilation, False, [0] * (a.dim() - 2), b, [False, True, True])
+    weight, bias = weight.view(b, total, *m.weight.shape[1:]), bias.view(b, total)
+    out, start = [], 0
+    for mod, trainable in zip(modules, names):
+        rows = slice(start, start + mod.out_channels)
+        start = rows.stop
+        grads = [("weight", _sq(weight[:, rows]), _weighted(weight[:, rows]))]
+        if "bias" in trainable and mod.bias is not None:
+            grads.append(("bias", _sq(bias[:, rows]), _weighted(bias[:, rows])))
+        out.append(grads)
+    return out
+
+
+def _fusion_key(m: nn.Module, x: torch.Tensor, output: torch.Tensor, trainable: set[str]) -> Optional[tuple]:
+    """Convolutions with equal keys read the same input with the same geometry and take the
+    materialised route: their per-sample gradients can come from one call (:func:`_fused_conv_rules`).
+    None: a layer that is not such a convolution."""
+    if type(m) not in _CONV or m.groups != 1 or "weight" not in trainable or _pointwise(m):
+        return None
+    if _use_ghost(output[0, 0].numel(), m.in_channels * math.prod(m.kernel_size), m.out_channels):
+        return None
+    return (type(m), m.kernel_size, m.stride, m.padding, m.dilation, x.data_ptr(), x.shape, x.stride(), x.dtype,
+            x._version)
+
+
+def _pointwise(m: nn.Module) -> bool:
+    """A 1x1 stride-1 unpadded ungrouped (transposed) convolution: a Linear over positions."""
+    return m.groups == 1 and all(v == 1 for v in (*m.kernel_size, *m.stride)) and not any(m.padding)
+
+
 def _linear_rule(m: nn.Linear, a: torch.Tensor, g: torch.Tensor, names: set[str]):
     b = a.shape[0]
     left = g.reshape(b, -1, m.out_features).transpose(1, 2)  # (B, out, T)
@@ -250,22 +293,14 @@ def _linear_rule(m: nn.Linear, a: torch.Tensor, g: torch.Tensor, names: set[str]
 
 def _group_norm_rule(m: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, names: set[str]):
     b, c = a.shape[0], a.shape[1]
-    want_w, want_b = "weight" in names and m.weight is not None, "bias" in names and m.bias is not None
-    if not (want_w or want_b):
-        return []
-    # the batch folded into the channels: one sample of B*C channels in B*groups groups, whose
-    # batch affine gradients (PyTorch's own kernel, one pass over a and g) are the per-sample ones
-    groups, positions = b * m.num_groups, a[0, 0].numel()
-    var, mean = torch.var_mean(a.reshape(groups, -1), dim=1, unbiased=False)
-    _, dgamma, dbeta = torch.ops.aten.native_group_norm_backward(
-        g.reshape(1, b * c, positions), a.reshape(1, b * c, positions), mean.view(1, groups),
-        (var + m.eps).rsqrt_().view(1, groups), a.new_ones(b * c), 1, b * c, positions, groups,
-        [False, want_w, want_b])
     out = []
-    for name, per_sample in (("weight", dgamma), ("bias", dbeta)):
-        if per_sample is not None:
-            per_sample = per_sample.view(b, c)
-            out.append((name, _sq(per_sample), _weighted(per_sample)))
+    if "weight" in names and m.weight is not None:
+        xhat = F.group_norm(a, m.num_groups, eps=m.eps)
+        per_sample = xhat.mul_(g).reshape(b, c, -1).sum(2)
+        out.append(("weight", _sq(per_sample), _weighted(per_sample)))
+    if "bias" in names and m.bias is not None:
+        per_sample = g.reshape(b, c, -1).sum(2)
+        out.append(("bias", _sq(per_sample), _weighted(per_sample)))
     return out
 
 
@@ -308,10 +343,26 @@ class _Layer:
     unsupported: Optional[str]  # why it has no BK rule (None: it has one)
     trainable: set[str] = field(default_factory=set)  # those that require grad (checked every forward)
     off: list[nn.Parameter] = field(default_factory=list)  # switched to requires_grad=False in its forward
-    ran: bool = False  # forward ran in this step
-    hooked: bool = False  # ... with its parameters off, so autograd must give them no gradient
+    ran: bool = False  # forward ran in this step (with its parameters off: autograd gives them no gradient)
     a: Optional[torch.Tensor] = None  # its input, until its gradient arrives
+    fused: Optional[list] = None  # the layers (itself included) whose per-sample gradients come from one call
+    g: Optional[torch.Tensor] = None  # its output gradient, kept until every fused layer's has arrived
     grads: Optional[list] = None  # [(param name, n2 (B,), summer)] once its gradient arrived
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a layer output that does not require grad (the layer reads the data and its
+    parameters are switched off): through ``anchor``, a scalar leaf that requires grad, the output
+    requires grad, so its hook receives g while autograd computes no weight or input gradient for
+    the layer. The anchor gets no gradient (None)."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        return output.detach()  # not a view: later in-place ops on it stay legal
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return None, None
 
 
 class BKModule(nn.Module):
@@ -339,6 +390,8 @@ class BKModule(nn.Module):
         self._recording = False
         self._batch = 0
         self._generation = 0
+        self._anchor = torch.zeros((), requires_grad=True)  # see _Tap
+        self._inputs: dict[tuple, list[_Layer]] = {}  # fusion key -> layers of this forward
         owner: dict[int, str] = {}
         for name, m in module.named_modules():  # a module registered twice is met once (and refused if run twice)
             for pname, p in m.named_parameters(recurse=False):
@@ -391,10 +444,8 @@ class BKModule(nn.Module):
             raise RuntimeError(f"{layer.name} ({type(module).__name__}) ran twice in one forward: BK DP-SGD needs "
                                "each layer once per forward; use privacy.grad_sample_mode=hooks")
         layer.ran = True
-        if args[0].requires_grad:  # its output needs grad anyway: autograd skips the weight gradient
-            layer.off = [getattr(module, n) for n in layer.trainable]
-            layer.hooked = True
-            _switch(layer.off, False)
+        layer.off = [getattr(module, n) for n in layer.trainable]
+        _switch(layer.off, False)
 
     def _after(self, module: nn.Module, args, output) -> None:
         layer = self._layers[module]
@@ -404,35 +455,54 @@ class BKModule(nn.Module):
         layer.off = []
         layer.a = args[0].detach()
         self._batch = layer.a.shape[0]
+        if not output.requires_grad:  # it reads the data
+            output = _Tap.apply(output, self._anchor)
+        key = _fusion_key(module, args[0], output, layer.trainable)
+        if key is not None:
+            layer.fused = self._inputs.setdefault(key, [])
+            layer.fused.append(layer)
         generation = self._generation
         output.register_hook(lambda g: self._on_grad(layer, generation, g))
+        return output
 
     def _on_grad(self, layer: _Layer, generation: int, g: torch.Tensor) -> None:
         if generation != self._generation:
             raise RuntimeError("BK DP-SGD: backward through a forward whose step was already released")
-        if layer.grads is not None:
+        if layer.grads is not None or layer.g is not None:
             raise RuntimeError(f"{layer.name}: second backward through one forward (no gradient accumulation in BK)")
-        layer.grads = _RULES[type(layer.module)](layer.module, layer.a, g.detach(), layer.trainable)
-        layer.a = None
+        if layer.fused is None or len(layer.fused) == 1:
+            layer.grads = _RULES[type(layer.module)](layer.module, layer.a, g.detach(), layer.trainable)
+            layer.a = None
+            return
+        layer.g = g.detach()
+        if all(other.g is not None for other in layer.fused):
+            grads = _fused_conv_rules([other.module for other in layer.fused], layer.a,
+                                      [other.g for other in layer.fused], [other.trainable for other in layer.fused])
+            for other, other_grads in zip(layer.fused, grads):
+                other.grads, other.a, other.g = other_grads, None, None
 
     def recorded(self) -> bool:
         """Whether a backward since the last :meth:`release` recorded gradients."""
-        return any(layer.grads is not None for layer in self._layers.values())
+        return any(layer.grads is not None or layer.g is not None for layer in self._layers.values())
 
     def release(self) -> None:
         """Forget the current step (activations, gradients); later hooks of it raise."""
         self._generation += 1
+        self._inputs = {}
         for layer in self._layers.values():
-            layer.ran, layer.hooked, layer.a, layer.grads = False, False, None, None
+            layer.ran, layer.a, layer.fused, layer.g, layer.grads = False, None, None, None, None
 
     def _complete(self) -> list[_Layer]:
         layers = [layer for layer in self._layers.values() if layer.trainable]
         for layer in layers:
+            if layer.grads is None and layer.g is not None:  # a fused partner got no gradient: on its own
+                layer.grads = _RULES[type(layer.module)](layer.module, layer.a, layer.g, layer.trainable)
+                layer.a, layer.g = None, None
             if layer.grads is None:
                 what = "got no gradient in backward" if layer.ran else "did not run in forward"
                 raise RuntimeError(f"{layer.name} ({type(layer.module).__name__}) has trainable parameters but {what}; "
                                    "BK DP-SGD (like Opacus) needs every trainable layer in the loss")
-            for name in layer.trainable if layer.hooked else ():
+            for name in layer.trainable:
                 grad = getattr(layer.module, name).grad
                 if grad is not None and bool(grad.any()):
                     raise RuntimeError(f"{layer.name}.{name} got a gradient outside its module's forward (used "
