@@ -642,7 +642,11 @@ def evaluate_round(request: Request, policy: SitePolicy, global_state: dict[str,
         metrics.update(shared_figures(data.card))
     gallery = None
     if request.round == cfg.federation.rounds:  # images leave only by its own policy
-        pngs = explanation_gallery(request, policy, model, data)
+        try:
+            pngs = explanation_gallery(request, policy, model, data)
+        except Exception as err:  # noqa: BLE001 -- a figure that cannot be drawn must not cost the evaluation
+            log.warning("hospital %s: no explanation gallery: %s: %s", policy.hospital, type(err).__name__, err)
+            pngs = []
         gallery = pngs if policy.share_gallery and pngs else None
     mode, personal = personalization(cfg), None
     if mode == "fedbn" and _norm_path(policy, request).exists():  # global weights + its own normalisation

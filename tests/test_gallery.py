@@ -99,3 +99,22 @@ def test_share_gallery_is_the_hospitals_own_flag(value, tmp_path):
     else:
         with pytest.raises(ConfigError, match="share-gallery"):
             read_policy({**node, "share-gallery": value}, request)
+
+
+def test_a_gallery_that_cannot_be_drawn_does_not_cost_the_evaluation(tmp_path, monkeypatch):
+    from carefl import hospital
+    from carefl.config import compose_config
+    from carefl.models import build_model
+    from carefl.request import build_request
+
+    def broken(*args):
+        raise ValueError("no convolution for GradCAM")
+
+    monkeypatch.setattr(hospital, "explanation_gallery", broken)
+    cfg = compose_config(["data.n_train=8", "data.n_test=4", "data.image_size=16", "federation.rounds=1"])
+    node = {"hospital": "st-mary", "data-path": "synthetic:0", "state-dir": str(tmp_path), "epsilon-cap": "8",
+            "delta": "1e-5", "share-gallery": "true"}
+    reply = hospital.handle(hospital.EVALUATE, build_request(cfg, 1, "ab" * 32, None, None),
+                            build_model(cfg).state_dict(), node)
+    assert reply.status == "ok" and "dice" in reply.metrics and reply.gallery is None
+    assert "gallery" not in reply.status_record()
