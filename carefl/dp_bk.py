@@ -49,7 +49,9 @@ per-sample weight gradient is ``W_i = G_i U_i^T`` (p x D); its norm comes one of
 - materialise: all ``W_i`` at once, as ONE grouped convolution weight gradient with the batch
   folded into the channels (input ``(1, B*C_in, ...)``, output gradient ``(1, B*C_out, ...)``,
   ``groups = B*groups``; ``torch.ops.aten.convolution_backward``, which also returns the
-  per-sample bias gradients). Cost about one ordinary weight gradient, memory B x |W|.
+  per-sample bias gradients); with one input channel (a first layer, D = prod(kernel)) one
+  ``bmm`` of ``G_i`` and the unfolded input instead, about twice as fast on CPU. Cost about one
+  ordinary weight gradient, memory B x |W|.
   ``n2 = ||W_i||^2``; clipped sum ``sum_i c_i W_i`` (one matrix-vector product).
 - ghost norm (groups = 1): ``||G_i U_i^T||_F^2 = sum_{s,t} (U_i^T U_i)[s,t] (G_i^T G_i)[s,t]``,
   two L x L Gram matrices per sample (cost B L^2 (D + p)), no per-sample gradient; the clipped
@@ -224,6 +226,8 @@ def _conv_rule(m: nn.Module, a: torch.Tensor, g: torch.Tensor, names: set[str]):
             else:
                 n2 = _ghost_sq(_unfold(a, m.kernel_size, m.stride, m.padding, m.dilation), g.reshape(b, p, -1))
             out.append(("weight", n2, batch_grad))
+        elif not transposed and m.groups == 1:
+            return _fused_conv_rules([m], a, [g], [names])[0]
         else:  # all per-sample gradients at once: the batch folded into the groups
             _, weight, bias_grad = grads(g.reshape(1, -1, *g.shape[2:]), a.reshape(1, -1, *a.shape[2:]), b * m.groups,
                                          (b * m.weight.shape[0], *m.weight.shape[1:]),
@@ -236,19 +240,31 @@ def _conv_rule(m: nn.Module, a: torch.Tensor, g: torch.Tensor, names: set[str]):
     return out
 
 
+def _per_sample_conv(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample weight and bias gradients, (B, p, C_in, *kernel) and (B, p), of convolutions with
+    m's geometry (groups = 1) on input ``a`` with output gradient ``g`` (B, p, *S_out).
+
+    One input channel (a first layer): ``G_i U_i^T``, one ``bmm`` over the unfolded input (D =
+    prod(kernel) rows, small), about twice as fast on CPU as the grouped call, which is used
+    otherwise (the batch folded into the groups, see the module docstring)."""
+    b, p = g.shape[:2]
+    if m.in_channels == 1:
+        g_flat = g.reshape(b, p, -1)
+        weight = torch.bmm(g_flat, _unfold(a, m.kernel_size, m.stride, m.padding, m.dilation).transpose(1, 2))
+        return weight.view(b, p, *m.weight.shape[1:]), g_flat.sum(2)
+    _, weight, bias = torch.ops.aten.convolution_backward(
+        g.reshape(1, -1, *g.shape[2:]), a.reshape(1, -1, *a.shape[2:]), a.new_empty((b * p, *m.weight.shape[1:])),
+        [b * p], m.stride, m.padding, m.dilation, False, [0] * (a.dim() - 2), b, [False, True, True])
+    return weight.view(b, p, *m.weight.shape[1:]), bias.view(b, p)
+
+
 def _fused_conv_rules(modules: list[nn.Module], a: torch.Tensor, gs: list[torch.Tensor], names: list[set[str]]):
     """:func:`_conv_rule`'s materialised route for convolutions of one geometry that read the same
     input ``a`` (a MONAI ResidualUnit's first convolution and its strided residual): their output
     gradients concatenated along the channels, ``(B, sum p, *S_out)``, make ONE grouped weight
     gradient (input unfolded once, one call); its (B, sum p, ...) per-sample gradients are split
     back by channel, as views. Returns each module's [(name, n2, summer)]."""
-    m, b = modules[0], a.shape[0]
-    total = sum(mod.out_channels for mod in modules)
-    g = torch.cat(gs, 1)
-    _, weight, bias = torch.ops.aten.convolution_backward(
-        g.reshape(1, -1, *g.shape[2:]), a.reshape(1, -1, *a.shape[2:]), a.new_empty((b * total, *m.weight.shape[1:])),
-        [b * total], m.stride, m.padding, m.dilation, False, [0] * (a.dim() - 2), b, [False, True, True])
-    weight, bias = weight.view(b, total, *m.weight.shape[1:]), bias.view(b, total)
+    weight, bias = _per_sample_conv(modules[0], a, gs[0] if len(gs) == 1 else torch.cat(gs, 1))
     out, start = [], 0
     for mod, trainable in zip(modules, names):
         rows = slice(start, start + mod.out_channels)

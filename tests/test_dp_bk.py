@@ -239,7 +239,7 @@ def test_fused_convolutions_on_one_input(monkeypatch):
     data = (torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 1, 0]))
     hooks_norms, hooks_sums = _clipped(cfg, model, data, "hooks", torch.float64)
     bk_norms, bk_sums = _clipped(cfg, model, data, "bk", torch.float64)
-    assert calls == [2] and (hooks_norms > C).any()
+    assert calls.count(2) == 1 and (hooks_norms > C).any()  # one call for the two
     assert torch.allclose(bk_norms, hooks_norms, rtol=1e-10, atol=0)
     for bk, hooks in zip(bk_sums, hooks_sums, strict=True):
         assert torch.allclose(bk, hooks, rtol=1e-9, atol=1e-12)
