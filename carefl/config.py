@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import re
-import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,28 @@ from carefl.errors import ConfigError
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
+def split_overrides(text: str) -> list[str]:
+    """One string of overrides as Hydra's list, split at spaces outside quotes, as a shell would
+    split it, except that quotes inside an override stay for Hydra: ``key="a/b=="`` (how
+    ``carefl-keygen`` says to register a key) keeps its quotes, so Hydra reads a string, where
+    ``shlex.split`` dropped them and Hydra refused the bare ``/`` and ``=``. An override quoted
+    whole, ``'federation.hospitals=[a,b]'``, loses its outer quotes, as in a shell."""
+    items, current, quote = [], "", None
+    for char in text:  # shlex cannot keep the quotes it groups by: a few lines of scanning
+        if quote is None and char.isspace():
+            if current:
+                items.append(current)
+            current = ""
+            continue
+        if char in "'\"" and quote in (None, char):
+            quote = char if quote is None else None
+        current += char
+    if quote is not None:
+        raise ConfigError(f"overrides {text!r}: a {quote} is never closed; close it, e.g. key=\"a b\"")
+    items += [current] if current else []
+    return [item[1:-1] if len(item) >= 2 and item[0] == item[-1] and item[0] in "'\"" else item for item in items]
+
+
 def compose_config(overrides: str | list[str] = "", conf_dir: Path = CONF_DIR) -> DictConfig:
     """Compose ``conf/config.yaml`` with Hydra overrides and validate it.
 
@@ -35,7 +56,7 @@ def compose_config(overrides: str | list[str] = "", conf_dir: Path = CONF_DIR) -
     ``${oc.env:HOME}`` would read the server's environment into the run's config (and
     into the request every hospital receives), so only literal values come in from outside.
     """
-    items = shlex.split(overrides) if isinstance(overrides, str) else list(overrides)
+    items = split_overrides(overrides) if isinstance(overrides, str) else list(overrides)
     for item in items:
         _require(
             "${" not in str(item),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shlex
 import time
 from collections.abc import Iterator, Mapping
 
@@ -21,7 +20,7 @@ from flwr.supercore.exit import add_exit_handler
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from carefl import console_logging
-from carefl.config import compose_config
+from carefl.config import compose_config, split_overrides
 from carefl.errors import CareFLError
 from carefl.replies import ArrayView, RawReply, message_bytes
 from carefl.rounds import RunStopped, log, run_federation
@@ -138,7 +137,7 @@ def main(grid: Grid, context: Context) -> None:
     """Compose the Hydra config from the run config and run the federation."""
     console_logging()
     try:
-        overrides = shlex.split(str(context.run_config.get("overrides", "")))
+        overrides = split_overrides(str(context.run_config.get("overrides", "")))
         run_dir = run_federation(FlowerTransport(grid), compose_config(overrides), overrides, on_start=_on_flower_exit)
         outcome = json.loads((run_dir / "metrics.json").read_text())
         if outcome["status"] != "completed":  # Flower would call a federation that stopped early 'completed'

@@ -336,3 +336,19 @@ def test_trust_settings_are_checked_at_the_edge(override, names):
     with pytest.raises(ConfigError) as err:
         compose_config([override])
     assert all(name in str(err.value) for name in names)
+
+
+def test_one_string_of_overrides_keeps_the_quotes_hydra_needs():
+    """What `flwr run --run-config "overrides='...'"` and carefl-run deliver as one string: a
+    registered key, quoted as carefl-keygen prints it, reaches Hydra quoted (base64 has '/',
+    '+' and '='), where shell splitting dropped the quotes and Hydra refused the override."""
+    from carefl.config import split_overrides
+
+    key = "v/jPgDNZ1ct5sd8xKMw8Qeopbg5tliUR0jU5zgd+87Y="  # a real Ed25519 public key, with all three
+    text = f"""federation.rounds=2   '+federation.hospitals=[st-mary,riverside,northfield]' +federation.hospital_keys.st-mary="{key}" """
+    assert split_overrides(text) == ["federation.rounds=2", "+federation.hospitals=[st-mary,riverside,northfield]",
+                                     f'+federation.hospital_keys.st-mary="{key}"']
+    cfg = compose_config(f'federation.rounds=2 +federation.hospital_keys.st-mary="{key}"')
+    assert cfg.federation.hospital_keys["st-mary"] == key
+    with pytest.raises(ConfigError, match="never closed"):
+        split_overrides('run_id="a b')
