@@ -155,3 +155,138 @@ def test_carefl_run_follows_the_run_and_exits_with_its_outcome(deployment: Deplo
     refused = carefl_run(f"output_dir={tmp_path / 'out'}", "run_id=nodp", "privacy=none")
     assert refused.returncode == 1, refused.stdout[-3000:] + refused.stderr[-3000:]
     assert "finished:failed" in refused.stdout and "the federation ended stopped" in refused.stdout
+
+
+# ------------------------------------------------ the README's deployment recipe, as written
+
+def readme_recipe() -> list[str]:
+    """The indented command blocks of README.md's "Deployment" section, in order, with each
+    backslash-continued line joined."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Deployment: real SuperLink and SuperNodes"):]
+    section = section[:section.index("\n## ", 10)]
+    blocks, current = [], []
+    for line in section.splitlines() + [""]:
+        if line.startswith("    "):
+            current.append(line[4:])
+        elif current:  # the prose after a block ends it
+            blocks.append("\n".join(current).replace("\\\n", " "))
+            current = []
+    return blocks
+
+
+def tls_files(directory: Path) -> None:
+    """``ca.crt``, and ``server.pem``/``server.key`` signed by it for 127.0.0.1 and localhost
+    (``cryptography``), the three files the README's SuperLink command names."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject: str, key, issuer: str, issuer_key, ca: bool, names=()) -> x509.Certificate:
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(list(names)), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = cert("CareFL test CA", ca_key, "CareFL test CA", ca_key, True)
+    server = cert("127.0.0.1", server_key, "CareFL test CA", ca_key, False,
+                  [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")])
+    (directory / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (directory / "server.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    (directory / "server.key").write_bytes(server_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+
+def swap(text: str, old: str, new: str) -> str:
+    """``text`` with ``old`` replaced; fails if the README no longer says ``old``."""
+    assert old in text, f"the README's deployment recipe no longer contains {old!r}: update this test with it"
+    return text.replace(old, new)
+
+
+@pytest.mark.slow
+def test_the_readme_deployment_recipe_runs_as_written_with_tls(processes, tmp_path: Path, project_copy: Path):
+    """README "Deployment", command by command, TLS included: the SuperLink with the CA and
+    server certificate, three hospitals that each run carefl-keygen and flower-supernode with
+    --root-certificates, their own port and the README's node config (epsilon-cap=6.0 below the
+    run's 8), the connection block written to ~/.flwr/config.toml, carefl-run, then
+    carefl-verify --receipts. The only changes are where things are on this machine (the
+    loopback address, free ports, temporary paths, each hospital's name and data), each one
+    checked to be in the README, plus a run directory and 32x32 images for the submission."""
+    import shlex
+    import socket
+
+    from conftest import free_ports, process_env, wait_until
+
+    superlink_cmd, hospital_cmds, connection, submit_cmd, *_rest = readme_recipe()
+    verify_cmd = next(b for b in _rest if b.startswith("carefl-verify"))
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    tls_files(tls)
+    port, *node_ports = free_ports(4)
+    env = process_env(FLWR_HOME=str(tmp_path / "flwr-home"))  # ~/.flwr of the person who submits
+
+    command = swap(swap(superlink_cmd, "--host 0.0.0.0", "--host 127.0.0.1"), "--port 9092", f"--port {port}")
+    processes.start("superlink", shlex.split(command), env=env, cwd=tls)  # ca.crt etc. by the README's names
+
+    def listening() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_until(listening, 60, "the SuperLink to listen", processes.tails)
+
+    keygen_line, supernode_line = hospital_cmds.splitlines()
+    keygen_line = keygen_line.split("#")[0].strip()
+    keys = {}
+    for i, (hospital, node_port) in enumerate(zip(("st-mary", "riverside", "northfield"), node_ports)):
+        state = tmp_path / "state" / hospital
+        keygen = subprocess.run(shlex.split(swap(keygen_line, "/var/lib/carefl", str(state))), env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert keygen.returncode == 0, keygen.stdout + keygen.stderr
+        keys[hospital] = keygen.stdout.split()[0]  # the key, then how to register it
+        datalist = write_site(tmp_path / "sites" / hospital, 6, 2, seed=i)
+        line = swap(supernode_line, "consortium.example.org:9092", f"127.0.0.1:{port}")
+        line = swap(swap(line, "--port 9094", f"--port {node_port}"), 'hospital="st-mary"', f'hospital="{hospital}"')
+        line = swap(swap(line, "/data/datalist.json", datalist), "/var/lib/carefl", str(state))
+        name = f"supernode-{hospital}"
+        processes.start(name, shlex.split(line), env=env, cwd=tls)
+        wait_until(lambda: "SuperNode ID:" in processes.log(name) or processes.procs[name].poll() is not None, 90,
+                   f"{name} to register", processes.tails)
+        assert processes.procs[name].poll() is None, processes.tails()
+
+    config = swap(swap(connection, "consortium.example.org:9092", f"127.0.0.1:{port}"),
+                  "/path/to/ca.crt", str(tls / "ca.crt"))
+    (tmp_path / "flwr-home").mkdir(exist_ok=True)
+    (tmp_path / "flwr-home" / "config.toml").write_text(config + "\n")
+
+    out = tmp_path / "out"
+    submit = shlex.split(submit_cmd.split("#")[0]) + [
+        f"output_dir={out}", "run_id=readme", "data.spatial_size=[32,32]",
+        *(f'+federation.hospital_keys.{h}="{k}"' for h, k in keys.items())]  # "register" the printed keys
+    done = subprocess.run(submit, env=env, cwd=project_copy, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:] + processes.tails(30)
+    assert "finished:completed" in done.stdout
+
+    metrics = json.loads((out / "readme" / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and len(metrics["rounds"]) == 10
+    for record in metrics["rounds"]:  # every hospital trains every round, within its own cap of 6
+        assert {h: t["status"] for h, t in record["train"].items()} == dict.fromkeys(keys, "ok")
+        assert all(0 < t["epsilon"] <= 6.0 + 1e-6 for t in record["train"].values())
+    assert all(t["epsilon"] > 5.0 for t in metrics["rounds"][-1]["train"].values())  # the cap is used, not wasted
+
+    for hospital in keys:
+        command = swap(swap(verify_cmd, "outputs/<run-id>", str(out / "readme")),
+                       "/var/lib/carefl", str(tmp_path / "state" / hospital))
+        verify = subprocess.run(shlex.split(command), env=env, capture_output=True, text=True, timeout=120)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
