@@ -16,17 +16,18 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from carefl.data import load_hospital
-from carefl.hospital import make_private, personal_epochs, planned_noise_multiplier
+from carefl.hospital import local_steps, make_private, personal_epochs, planned_noise_multiplier
 from carefl.models import build_model
 from carefl.site import CACHE_DIR
-from carefl.training import evaluate, make_loader, make_optimizer, train_epochs
+from carefl.training import Progress, evaluate, make_loader, make_optimizer, train_epochs
 
 
-def train_centrally(cfg, dataset: Dataset, seed: int) -> torch.nn.Module:
+def train_centrally(cfg, dataset: Dataset, seed: int, progress: Progress | None = None) -> torch.nn.Module:
     """Train a fresh model on ``dataset`` for as many epochs as a hospital of the federation
-    trains (``rounds * local_epochs`` + personal epochs; DP if enabled)."""
+    trains (``rounds * local_epochs`` + personal epochs; DP if enabled). ``progress`` is
+    called after every step."""
     fed = cfg.federation
-    epochs = fed.rounds * fed.local_epochs + personal_epochs(cfg)
+    epochs = baseline_epochs(cfg)
     model = build_model(cfg)
     optimizer = make_optimizer(model, fed.optimizer, fed.lr)
     loader = make_loader(dataset, fed.batch_size, seed)
@@ -34,8 +35,19 @@ def train_centrally(cfg, dataset: Dataset, seed: int) -> torch.nn.Module:
     if cfg.privacy.enabled:
         sigma = planned_noise_multiplier(cfg, len(dataset), cfg.privacy.target_delta, epochs)
         trained, optimizer, loader, _ = make_private(cfg, model, optimizer, loader, sigma, history=[])
-    train_epochs(trained, optimizer, loader, cfg.task, epochs)
+    train_epochs(trained, optimizer, loader, cfg.task, epochs, progress=progress)
     return model
+
+
+def baseline_epochs(cfg) -> int:
+    """Epochs of a baseline: what one hospital of the federation trains in all."""
+    return cfg.federation.rounds * cfg.federation.local_epochs + personal_epochs(cfg)
+
+
+def _progress(cfg, log: logging.Logger | None, what: str, n: int) -> Progress | None:
+    """Lines every 10 s with what is left of one baseline's training (as a hospital prints)."""
+    return Progress(log, f"baseline {what}: {n} records", local_steps(n, cfg.federation.batch_size,
+                                                                      baseline_epochs(cfg))) if log else None
 
 
 def run_baselines(cfg, log: logging.Logger | None = None, run_dir: Path | None = None) -> dict:
@@ -49,12 +61,16 @@ def run_baselines(cfg, log: logging.Logger | None = None, run_dir: Path | None =
             for i, name in enumerate(names)]
     result: dict = {"local_only": {}, "pooled": {}}
     for i, (name, hospital) in enumerate(zip(names, data)):
-        model = train_centrally(cfg, hospital.train, seed=int(cfg.seed) + i)
+        model = train_centrally(cfg, hospital.train, seed=int(cfg.seed) + i,
+                                progress=_progress(cfg, log, f"local-only {name}", len(hospital.train)))
         result["local_only"][name] = {other.name: evaluate(model, other.test, cfg.task, window=other.window)
                                       for other in data}
         if log:
             log.info("baseline local-only %s: %s", name, _short(result["local_only"][name]))
-    pooled = train_centrally(cfg, ConcatDataset([h.train for h in data]), seed=int(cfg.seed) + len(names))
+    everyone = ConcatDataset([h.train for h in data])
+    everyone.collate_fn = getattr(data[0].train, "collate_fn", None)  # the preset's batch augmentation, as each site's
+    pooled = train_centrally(cfg, everyone, seed=int(cfg.seed) + len(names),
+                             progress=_progress(cfg, log, "pooled", len(everyone)))
     result["pooled"] = {h.name: evaluate(pooled, h.test, cfg.task, window=h.window) for h in data}
     if log:
         log.info("baseline pooled: %s", _short(result["pooled"]))

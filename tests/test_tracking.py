@@ -143,3 +143,21 @@ def test_tracking_mlflow_without_mlflow_installed_is_one_line_with_the_fix(monke
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
     with pytest.raises(ConfigError, match=r'tracking=mlflow needs MLflow.*pip install -e "\.\[mlflow\]"'):
         validate(cfg)
+
+
+def test_baselines_print_progress_with_what_is_left(caplog):
+    """The baselines (about as long as the federation) print the same periodic lines as a
+    hospital's training, one series per baseline, ending at 100%."""
+    import logging
+
+    from carefl.baselines import run_baselines
+
+    cfg = compose_config([*TINY.split(), "federation.rounds=1", "privacy=none"])
+    logging.getLogger("carefl").propagate = True  # console_logging turns it off for its own handler
+    log = logging.getLogger("carefl.server")
+    with caplog.at_level(logging.INFO, logger="carefl.server"):
+        run_baselines(cfg, log)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("baseline ") and "step" in r.getMessage()]
+    for what in ("local-only st-mary", "local-only riverside", "local-only northfield", "pooled"):
+        mine = [line for line in lines if line.startswith(f"baseline {what}:")]
+        assert mine and "(100%)" in mine[-1] and "~0 s left" in mine[-1], lines
