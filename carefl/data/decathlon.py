@@ -66,7 +66,7 @@ _TEST_KEYS = ("test", "validation")
 #: the data card's file name in the cache dir (carefl.data.card)
 CARD_FILE = "data_card.json"
 #: bump when the cached tensors' meaning changes (invalidates every hospital's cache)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: .npy arrays opened memory-mapped (carefl.data.cache)
 
 
 @dataclass(frozen=True)
