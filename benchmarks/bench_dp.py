@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/bench_dp.py --dims 3        # 3D: batch 4, 32^3, UNet + classifier
     .venv/bin/python benchmarks/bench_dp.py --batch 64 --modes bk --models classifier,densenet121
     .venv/bin/python benchmarks/bench_dp.py --tiny          # smoke: batch 2, smallest input
+    git show <commit>:carefl/dp_bk.py > /tmp/ref_bk.py      # before/after a change of the engine:
+    .venv/bin/python benchmarks/bench_dp.py --modes bk --ref /tmp/ref_bk.py   # adds mode bk_ref
     .venv/bin/python benchmarks/bench_dp.py --modes hooks,ew --out /tmp/bench.json
 
 For every conf/model/*.yaml (on the task of its kind with --dims spatial dims) and every
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
+import sys
 import json
 import statistics
 import time
@@ -102,12 +106,25 @@ def _plain_step(model, criterion, x, y):
     return step
 
 
+_ENGINES = {"bk": BKPrivacyEngine}  # mode -> engine class; --ref adds "bk_ref"
+
+
+def _load_ref(path: Path) -> None:
+    """Mode bk_ref: the BKPrivacyEngine of another copy of carefl/dp_bk.py (e.g. before a change)."""
+    spec = importlib.util.spec_from_file_location("dp_bk_ref", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["dp_bk_ref"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    _ENGINES["bk_ref"] = module.BKPrivacyEngine
+
+
 def _dp_step(model, criterion, x, y, mode: str):
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     loader = DataLoader(TensorDataset(x, y), batch_size=len(x))
-    out = (BKPrivacyEngine if mode == "bk" else PrivacyEngine)(accountant="rdp").make_private(
+    out = _ENGINES.get(mode, PrivacyEngine)(accountant="rdp").make_private(
         module=model, optimizer=opt, data_loader=loader, criterion=criterion,
-        noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=True, grad_sample_mode=mode,
+        noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=True,
+        grad_sample_mode="bk" if mode in _ENGINES else mode,
     )
     if mode == "ghost":
         dp_model, dp_opt, dp_crit, _ = out
@@ -175,11 +192,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--repeat", type=int, default=7, help="timed steps per measurement (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds of steps first")
+    p.add_argument("--ref", type=Path, default=None,
+                   help="another carefl/dp_bk.py: adds mode bk_ref, timed interleaved with the others")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/bench_dp.json")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     warnings.simplefilter("ignore", UserWarning)  # Opacus' per-call hook / secure-RNG notices
     modes = [m for m in a.modes.split(",") if m]
+    if a.ref:
+        _load_ref(a.ref)
+        modes.append("bk_ref")
     models = a.models.split(",") if a.models else (
         sorted(Path(p).stem for p in glob.glob(str(ROOT / "conf/model/*.yaml"))) if a.dims == 2
         else ["unet", "classifier"])
