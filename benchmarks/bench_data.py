@@ -21,7 +21,7 @@ ClientApp process per message, so no in-process cache helps; it uses one torch t
 (``federation.torch_threads``, as a hospital does). The **data step** of a round is what a
 hospital does before and besides training: ``carefl.data.load_hospital`` (read, check and
 preprocess every record into the hospital's disk cache, or find it already there) plus one
-full pass over the training set (``hd.train[i]`` for every i: one padded, cropped, augmented
+full pass over the training set (``hd.train[i]`` for every i: one padded, cropped
 patch per record, as one epoch draws) and over the test set (whole images at native size).
 
 - **first round**: the cache directory is emptied first, so every record is read from its
@@ -34,11 +34,14 @@ first / later (median) wall time, the child's peak RSS (``ru_maxrss``, imports i
 cache's size on disk, and the 1-minute load average at the start and end of each dataset's
 measurements (the machine may be shared: compare wall with CPU time). A second table splits
 the step into ``load_hospital``, the training pass and the test pass, and gives the process's
-import time (torch, MONAI, CareFL), which every fresh ClientApp process pays on top. The first
-later round also trains one local epoch (no DP, the configured small UNet) after its data step;
-"data share" = (load_hospital + training pass) / (load_hospital + that epoch), an upper bound of
-the time a later round spends on data (an epoch's draws are the training pass; DP-SGD only adds
-compute).
+import time (torch, MONAI, CareFL), which every fresh ClientApp process pays on top (the
+training pass there reads ``hd.train[i]``: one patch per record, without the augmentation, which
+runs on batches). The first later round also times, after its data step, one epoch's data work
+alone (every batch of the training loader: patch draws, collation and the preset's augmentation
+on the batch, no model) and one local epoch of the configured small UNet without DP and with
+DP-SGD (the hospital's own ``make_private``: Poisson loader, per-sample gradients). "data share"
+of a later round = (``load_hospital`` + that data work) / (``load_hospital`` + the epoch): one
+process, one thread, no overlap of data and compute.
 
 Caveat: the source files were just written and the cache just filled, so both are most likely
 in the OS page cache; a first read from a cold hospital disk or network share can be slower.
@@ -159,16 +162,33 @@ def generate_3d(directory: Path, n: int, side: int, seed: int = 0) -> Path:
 # ---- one round's data step in this process (--child) --------------------------------------
 
 
-def _one_local_epoch(cfg, train) -> float:
-    """Wall seconds of one local epoch (``federation.batch_size``, no DP: the cheapest compute, so
-    the data share it gives is an upper bound) on the configured model; data draws included."""
+def _data_pass(cfg, train) -> float:
+    """Wall seconds of one epoch's data work alone: every batch the training loader yields
+    (one patch per record, collated, the preset's augmentation on the batch), no model."""
+    from carefl.training import make_loader
+
+    start = time.perf_counter()
+    for _ in make_loader(train, cfg.federation.batch_size, 0):
+        pass
+    return time.perf_counter() - start
+
+
+def _one_local_epoch(cfg, train, dp: bool) -> float:
+    """Wall seconds of one local epoch (``federation.batch_size``) on the configured model, data
+    draws included; ``dp``: DP-SGD as a hospital runs it (the Poisson loader, ``cfg.privacy``'s
+    clip bound and per-sample-gradient mode, sigma 1.0: the noise level does not change the time)."""
     from carefl.models import build_model
     from carefl.training import make_loader, make_optimizer, train_epochs
 
     model = build_model(cfg)
     optimizer = make_optimizer(model, cfg.federation.optimizer, cfg.federation.lr)
+    loader = make_loader(train, cfg.federation.batch_size, 0)
+    if dp:
+        from carefl.hospital import make_private
+
+        model, optimizer, loader, _ = make_private(cfg, model, optimizer, loader, 1.0, [])
     start = time.perf_counter()
-    train_epochs(model, optimizer, make_loader(train, cfg.federation.batch_size, 0), cfg.task, 1)
+    train_epochs(model, optimizer, loader, cfg.task, 1)
     return time.perf_counter() - start
 
 
@@ -196,8 +216,11 @@ def child(kind: str, datalist: Path, cache_dir: Path, with_epoch: bool = False) 
         hd.test[i]
     test_s = time.perf_counter() - mark
     wall_s, cpu_s = time.perf_counter() - wall, time.process_time() - cpu
-    epoch_s = _one_local_epoch(cfg, hd.train) if with_epoch else None
-    return {"imports_s": imports_s, "wall_s": wall_s, "cpu_s": cpu_s, "epoch_s": epoch_s,
+    epochs = {}
+    if with_epoch:  # epoch_s: without DP; dp_epoch_s: DP-SGD
+        epochs = {"data_pass_s": _data_pass(cfg, hd.train), "epoch_s": _one_local_epoch(cfg, hd.train, False),
+                  "dp_epoch_s": _one_local_epoch(cfg, hd.train, True)}
+    return {"imports_s": imports_s, "wall_s": wall_s, "cpu_s": cpu_s, "epoch_s": None, **epochs,
             "load_hospital_s": load_s, "train_pass_s": train_s, "test_pass_s": test_s,
             "train_records": len(hd.train), "test_records": len(hd.test),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -251,18 +274,24 @@ def _table(results: list[dict]) -> str:
             f"| {statistics.median(r['cpu_s'] for r in later):.2f} | {first['wall_s'] / median:.1f}x "
             f"| {first['peak_rss_mib']:.0f} / {max(r['peak_rss_mib'] for r in later):.0f} "
             f"| {res['cache_mib']:.0f} | {res['load_start'][0]:.2f} / {res['load_end'][0]:.2f} |")
-    rows += ["", "| dataset | round | load_hospital s | training pass s | test pass s | imports s "
-             "| one local epoch s | data share of a later round |", "|---|---|---|---|---|---|---|---|"]
+    rows += ["", "| dataset | round | load_hospital s | training pass s | test pass s | imports s |",
+             "|---|---|---|---|---|---|"]
     for res in results:
         for name, runs in (("first", [res["first"]]), ("later (median)", res["later"])):
             cell = {k: statistics.median(r[k] for r in runs)
                     for k in ("load_hospital_s", "train_pass_s", "test_pass_s", "imports_s")}
-            epoch = next((r["epoch_s"] for r in runs if r.get("epoch_s")), None)
-            share = ((cell["load_hospital_s"] + cell["train_pass_s"]) / (cell["load_hospital_s"] + epoch)
-                     if epoch else None)
             rows.append(f"| {res['dataset']} | {name} | {cell['load_hospital_s']:.2f} | {cell['train_pass_s']:.2f} "
-                        f"| {cell['test_pass_s']:.2f} | {cell['imports_s']:.1f} | "
-                        + (f"{epoch:.1f} | {share:.1%} |" if epoch else "- | - |"))
+                        f"| {cell['test_pass_s']:.2f} | {cell['imports_s']:.1f} |")
+    rows += ["", "| dataset, later round | load_hospital s | one epoch's data (loader, no model) s "
+             "| epoch no DP s | data share no DP | epoch DP-SGD s | data share DP |", "|---|---|---|---|---|---|---|"]
+    for res in results:
+        r = next((r for r in res["later"] if r.get("dp_epoch_s")), None)
+        if r is None:
+            continue
+        data = r["load_hospital_s"] + r["data_pass_s"]
+        rows.append(f"| {res['dataset']} | {r['load_hospital_s']:.2f} | {r['data_pass_s']:.2f} | {r['epoch_s']:.1f} "
+                    f"| {data / (r['load_hospital_s'] + r['epoch_s']):.1%} | {r['dp_epoch_s']:.1f} "
+                    f"| {data / (r['load_hospital_s'] + r['dp_epoch_s']):.1%} |")
     return "\n".join(rows)
 
 
