@@ -45,8 +45,9 @@ LATEST = "latest"
 _FIX = "start a new run without resume=..., or point resume= at a run directory containing checkpoints/"
 
 
-def _atomic_write(path: Path, mode: str, write: Callable[[IO], None]) -> None:
-    """Write ``path`` via a temp file in its directory + fsync + ``os.replace`` + dir fsync."""
+def atomic_write(path: Path, mode: str, write: Callable[[IO], None]) -> None:
+    """Write ``path`` atomically (``write(f)`` on a temp file in its directory, fsync, ``os.replace``,
+    directory fsync): a reader sees the old file or the new one, never a part."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -72,12 +73,12 @@ def fsync_dir(directory: Path) -> None:
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)``, atomically: ``path`` is either the old or the new file."""
-    _atomic_write(Path(path), "wb", lambda f: torch.save(obj, f))
+    atomic_write(Path(path), "wb", lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write UTF-8 ``text`` to ``path`` atomically."""
-    _atomic_write(Path(path), "w", lambda f: f.write(text))
+    atomic_write(Path(path), "w", lambda f: f.write(text))
 
 
 def save_round_checkpoint(run_dir: str | os.PathLike, round: int, state: dict) -> Path:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from carefl.checkpoint import _atomic_write, atomic_write_text
+from carefl.checkpoint import atomic_write, atomic_write_text
 from carefl.errors import DataError
 
 log = logging.getLogger("carefl.data")
@@ -137,7 +137,7 @@ def _save(item: dict, card: dict, stem: Path) -> dict:
     arrays = [name for name, value in item.items() if isinstance(value, torch.Tensor)]
     for name in arrays:
         array = item[name].detach().cpu().contiguous().numpy()
-        _atomic_write(stem.with_name(f"{stem.name}.{name}.npy"), "wb",
+        atomic_write(stem.with_name(f"{stem.name}.{name}.npy"), "wb",
                       lambda f, a=array: np.save(f, a, allow_pickle=False))
     meta = {"card": card, "arrays": arrays, "values": {k: v for k, v in item.items() if k not in arrays}}
     atomic_write_text(stem.with_suffix(".json"), json.dumps(meta))
