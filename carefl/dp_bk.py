@@ -240,9 +240,9 @@ def _conv_rule(m: nn.Module, a: torch.Tensor, g: torch.Tensor, names: set[str]):
     return out
 
 
-def _per_sample_conv(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample weight and bias gradients, (B, p, C_in, *kernel) and (B, p), of convolutions with
-    m's geometry (groups = 1) on input ``a`` with output gradient ``g`` (B, p, *S_out).
+def _per_sample_conv(m: nn.Module, a: torch.Tensor, g: torch.Tensor, bias: bool):
+    """Per-sample weight and bias gradients, (B, p, C_in, *kernel) and (B, p) (None unless ``bias``),
+    of convolutions with m's geometry (groups = 1) on input ``a`` with output gradient ``g`` (B, p, *S_out).
 
     One input channel (a first layer): ``G_i U_i^T``, one ``bmm`` over the unfolded input (D =
     prod(kernel) rows, small), about twice as fast on CPU as the grouped call, which is used
@@ -251,11 +251,11 @@ def _per_sample_conv(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple[to
     if m.in_channels == 1:
         g_flat = g.reshape(b, p, -1)
         weight = torch.bmm(g_flat, _unfold(a, m.kernel_size, m.stride, m.padding, m.dilation).transpose(1, 2))
-        return weight.view(b, p, *m.weight.shape[1:]), g_flat.sum(2)
-    _, weight, bias = torch.ops.aten.convolution_backward(
+        return weight.view(b, p, *m.weight.shape[1:]), g_flat.sum(2) if bias else None
+    _, weight, bias_grad = torch.ops.aten.convolution_backward(
         g.reshape(1, -1, *g.shape[2:]), a.reshape(1, -1, *a.shape[2:]), a.new_empty((b * p, *m.weight.shape[1:])),
-        [b * p], m.stride, m.padding, m.dilation, False, [0] * (a.dim() - 2), b, [False, True, True])
-    return weight.view(b, p, *m.weight.shape[1:]), bias.view(b, p)
+        [b * p] if bias else None, m.stride, m.padding, m.dilation, False, [0] * (a.dim() - 2), b, [False, True, bias])
+    return weight.view(b, p, *m.weight.shape[1:]), bias_grad.view(b, p) if bias else None
 
 
 def _fused_conv_rules(modules: list[nn.Module], a: torch.Tensor, gs: list[torch.Tensor], names: list[set[str]]):
@@ -264,13 +264,14 @@ def _fused_conv_rules(modules: list[nn.Module], a: torch.Tensor, gs: list[torch.
     gradients concatenated along the channels, ``(B, sum p, *S_out)``, make ONE grouped weight
     gradient (input unfolded once, one call); its (B, sum p, ...) per-sample gradients are split
     back by channel, as views. Returns each module's [(name, n2, summer)]."""
-    weight, bias = _per_sample_conv(modules[0], a, gs[0] if len(gs) == 1 else torch.cat(gs, 1))
+    biased = ["bias" in trainable and mod.bias is not None for mod, trainable in zip(modules, names)]
+    weight, bias = _per_sample_conv(modules[0], a, gs[0] if len(gs) == 1 else torch.cat(gs, 1), any(biased))
     out, start = [], 0
-    for mod, trainable in zip(modules, names):
+    for mod, with_bias in zip(modules, biased):
         rows = slice(start, start + mod.out_channels)
         start = rows.stop
         grads = [("weight", _sq(weight[:, rows]), _weighted(weight[:, rows]))]
-        if "bias" in trainable and mod.bias is not None:
+        if with_bias:
             grads.append(("bias", _sq(bias[:, rows]), _weighted(bias[:, rows])))
         out.append(grads)
     return out
