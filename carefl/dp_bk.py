@@ -93,12 +93,14 @@ in 3D, and for every rule both ways (ghost and materialised) in 1D, 2D and 3D; t
 and the accountant's history after train_epochs equal hooks' for the same batches and noise.
 
 Cost: CPU time of one DP step over one plain step (forward, loss, backward, SGD step), steps
-interleaved, one thread, benchmarks/bench_dp.py sizes (batch 16, 64 x 64): UNet 1.25,
-BasicUNet 1.22, classifier 1.61, DenseNet121 1.72; Opacus' hooks 2.2-2.3, 2.3 and 2.9-3.4 on
-the same nets. 3D (batch 4, 32^3): UNet 1.19, classifier 1.55 (hooks 3.0). What remains is
-Opacus' own noise (7M Gaussian draws for DenseNet: ~12% of its plain step), writing and
-reading B materialised per-sample gradients where ghost norms do not pay (DenseNet: ~450 MB),
-GroupNorm's recomputed ``xhat``, and per-layer Python work (the classifier's plain step is 3 ms).
+interleaved, one thread, benchmarks/bench_dp.py (BENCHMARKS.md section 6 has the table and the
+load): batch 16 at 64 x 64, UNet 1.2, BasicUNet 1.1-1.2, classifier 1.4-1.6, DenseNet121
+1.5-1.6; 3D batch 4 at 32^3, UNet 1.1-1.3, classifier 1.3-1.4 (Opacus hooks 2.2-3.4). What
+remains, from the profile: the per-sample convolution gradients (the grouped weight gradient
+costs about twice the batch one on CPU: the classifier's 3 such calls are ~1/3 of its plain
+step), for DenseNet also Opacus' own noise (7M Gaussian draws, ~9% of its plain step),
+GroupNorm's recomputed ``xhat`` (~12%) and the step-time read of its 138 MB of materialised
+per-sample gradients.
 
 Refused with an error, never silently wrong
 -------------------------------------------
