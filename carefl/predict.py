@@ -70,7 +70,7 @@ def load_verified_model(run_dir: Path, personal_state_dir: Path | None):
         path = personal_state_dir / PERSONAL_DIR / f"{run}.pt"
         if not path.is_file():
             raise ConfigError(f"no personal model of run {run[:12]} in {personal_state_dir}/{PERSONAL_DIR}; "
-                              "it is written after the last round of a run with personalization=finetune")
+                              "it is written after the last round of a run with personalization=finetune, and every round with ditto")
         state = torch.load(path, map_location="cpu", weights_only=True)
         signed = [r["update_hash"] for r in ReceiptLog(personal_state_dir / LOG_FILE).receipts()
                   if r.get("run_id") == run + PERSONAL_SUFFIX]
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write <name>_explain.png: occlusion + GradCAM (classification), foreground "
                              "probability + flip-TTA uncertainty (segmentation)")
     parser.add_argument("--personal", type=Path, default=None,
-                        help="use this hospital's personal model: its state dir (personalization=finetune)")
+                        help="use this hospital's personal model: its state dir (personalization=finetune or ditto)")
     args = parser.parse_args(argv)
     try:
         cfg, model = load_verified_model(args.run_dir, args.personal)

@@ -317,3 +317,26 @@ def test_dittos_personal_model_survives_a_restart(tmp_path):
     assert any(not torch.equal(v2[k], v1[k]) for k in v1 if v1[k].is_floating_point())
     assert all(torch.equal(v2[k], again[k]) for k in v2)  # the restarted hospital went on from its saved v
     assert any(not torch.equal(v2[k], fresh[k]) for k in v2 if v2[k].is_floating_point())  # not from w_global
+
+
+def test_a_ditto_hospitals_personal_model_is_the_one_its_receipt_signs(tmp_path):
+    """What carefl-predict --personal checks before it uses a personal model: after a ditto
+    federation, each hospital's v in its state dir hashes to the update_hash of its own last
+    signed receipt for <run>.personal, v is not the federated model, and the receipts still
+    agree with the ledger."""
+    from carefl.hospital import PERSONAL_SUFFIX
+    from carefl.ledger import hash_state_dict, run_id
+    from carefl.local_transport import LocalTransport
+    from carefl.rounds import run_federation
+
+    cfg = compose_config([*TINY, *DITTO, *NO_DP, f"output_dir={tmp_path}", "run_id=d", "federation.baselines=false"])
+    run_dir = run_federation(LocalTransport(3), cfg)
+    run, final = run_id(run_dir), torch.load(run_dir / "model_final.pt", weights_only=True)
+    for hospital in ("st-mary", "riverside", "northfield"):
+        state_dir = run_dir / "hospitals" / hospital
+        v = torch.load(state_dir / PERSONAL_DIR / f"{run}.pt", weights_only=True)
+        signed = [r["update_hash"] for r in ReceiptLog(state_dir / LOG_FILE).receipts()
+                  if r.get("run_id") == run + PERSONAL_SUFFIX]
+        assert signed and signed[-1] == hash_state_dict(v)
+        assert any(not torch.equal(v[k], final[k]) for k in final)
+    assert verify_receipts(run_dir, sorted(run_dir.glob("hospitals/*/receipts.jsonl"))) == []
