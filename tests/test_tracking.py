@@ -24,15 +24,19 @@ def test_a_run_writes_tensorboard_scalars_that_match_its_metrics(tmp_path):
     assert {"aggregate/dice", "eval/dice/st-mary", "privacy/epsilon/riverside", "wire/bytes_received/northfield",
             "time/round_seconds", "robust/norm/st-mary"} <= tags
     for tag, path in (("aggregate/dice", ("aggregate", "dice")), ("eval/dice/st-mary", ("eval", "st-mary", "dice"))):
-        logged = [(e.step, e.value) for e in events.Scalars(tag)]
-        expected = []
-        for record in metrics["rounds"]:
-            value = record
-            for key in path:
-                value = value[key]
-            expected.append((record["round"], value))
-        assert [s for s, _ in logged] == [1, 2]
-        assert all(abs(a[1] - b[1]) < 1e-6 for a, b in zip(logged, expected))
+        assert_logged([(e.step, e.value) for e in events.Scalars(tag)], metrics, path, rounds=[1, 2])
+
+
+def assert_logged(logged: list[tuple[int, float]], metrics: dict, path: tuple[str, ...], rounds: list[int]) -> None:
+    """``logged`` (step, value) pairs are metrics.json's value at ``path`` in each round, once per round."""
+    expected = []
+    for record in metrics["rounds"]:
+        value = record
+        for key in path:
+            value = value[key]
+        expected.append((record["round"], value))
+    assert [s for s, _ in logged] == rounds
+    assert all(abs(a[1] - b[1]) < 1e-6 for a, b in zip(logged, expected))
 
 
 def test_local_training_prints_progress_with_what_is_left(caplog):
@@ -97,15 +101,8 @@ def test_tracking_mlflow_logs_the_run_and_a_resumed_run_continues_it(tmp_path):
     assert run.info.run_id == stopped.info.run_id and run.info.status == "FINISHED"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for key, path in (("aggregate/dice", ("aggregate", "dice")), ("eval/dice/riverside", ("eval", "riverside", "dice"))):
-        logged = _mlflow_history(uri, run.info.run_id, key)
-        expected = []
-        for record in metrics["rounds"]:
-            value = record
-            for part in path:
-                value = value[part]
-            expected.append((record["round"], value))
-        assert [s for s, _ in logged] == [1, 2, 3]  # each round once, across the stop and the resume
-        assert all(abs(a[1] - b[1]) < 1e-6 for a, b in zip(logged, expected))
+        # each round once, across the stop and the resume
+        assert_logged(_mlflow_history(uri, run.info.run_id, key), metrics, path, rounds=[1, 2, 3])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.json", "summary.md", "report.html", "plots"} <= artifacts
     local = tmp_path / "mlflow-artifacts"  # beside the SQLite file, not in the working directory's ./mlruns
