@@ -35,8 +35,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-
 from carefl.errors import CheckpointError
 
 STATE_KEYS = ("round", "global_model", "server_opt", "aggregator", "reputation", "ledger_head", "metrics")
@@ -73,6 +71,8 @@ def fsync_dir(directory: Path) -> None:
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)``, atomically: ``path`` is either the old or the new file."""
+    import torch  # here, not at the top: the receipts and the config check use this module's file helpers
+
     atomic_write(Path(path), "wb", lambda f: torch.save(obj, f))
 
 
@@ -118,6 +118,8 @@ def load_latest_checkpoint(run_dir: str | os.PathLike) -> dict:
     path = latest.parent / name
     if not name or Path(name).name != name or not path.is_file():
         raise CheckpointError(f"{latest} names {name!r}, which is not a file in {latest.parent}; {_FIX}")
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, bad pickle, non-plain object: all "unreadable"

@@ -19,6 +19,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from carefl.choices import ACCOUNTANTS, GRAD_SAMPLE_MODES, LOSSES, NET_KINDS, TASK_KINDS
 from carefl.errors import ConfigError
 
 #: ``conf/`` next to the package (repo checkout, editable install, or a Flower FAB)
@@ -258,8 +259,6 @@ def _check_trust(cfg: DictConfig) -> None:
 def _check_privacy(cfg: DictConfig) -> None:
     if not _flag(cfg, "privacy.enabled"):
         return
-    from carefl.privacy import ACCOUNTANTS, GRAD_SAMPLE_MODES  # local: imports Opacus
-
     epsilon = _number(cfg, "privacy.target_epsilon", 0, 1e6, 8.0, nullable=True)
     sigma = _number(cfg, "privacy.noise_multiplier", 0, 1e6, 1.0, nullable=True)
     _require(
@@ -277,27 +276,25 @@ def _check_privacy(cfg: DictConfig) -> None:
 
 def _check_task_and_model(cfg: DictConfig) -> tuple[int, int]:
     """``task.*`` and ``model.*``; returns the input side (multiple, minimum) the net needs."""
-    from carefl.models import _NETS  # the net registry: name -> task kind, builder
-    from carefl.tasks import KINDS, build_loss
-
     _safe_name(_get(cfg, "task.name"), "task.name", "seg2d")
-    kind = _choice(cfg, "task.kind", KINDS)
+    kind = _choice(cfg, "task.kind", TASK_KINDS)
     _integer(cfg, "task.spatial_dims", 2, 3, 2)
     _integer(cfg, "task.in_channels", 1, 64, 1)
     # segmentation: 1 = binary (one sigmoid logit), K >= 2 = K classes with background (softmax);
     # classification: one logit per class
     _integer(cfg, "task.num_classes", 1 if kind == "segmentation" else 2, 1000, 3 if kind == "segmentation" else 2)
-    build_loss(cfg.task)  # names task.loss when it does not fit task.kind; builds no network
+    loss = _get(cfg, "task.loss")
+    _require(loss in LOSSES[kind], f"task.loss={_show(loss)} is not a {kind} loss; use task.loss={' | '.join(LOSSES[kind])}")
 
     name = _get(cfg, "model.name")
     _require(
-        isinstance(name, str) and name in _NETS,
-        f"model.name={_show(name)} is unknown; choose model= one of {sorted(_NETS)}",
+        isinstance(name, str) and name in NET_KINDS,
+        f"model.name={_show(name)} is unknown; choose model= one of {sorted(NET_KINDS)}",
     )
-    if _NETS[name].kind != kind:
-        valid = sorted(n for n, net in _NETS.items() if net.kind == kind)
+    if NET_KINDS[name] != kind:
+        valid = sorted(n for n, k in NET_KINDS.items() if k == kind)
         raise ConfigError(
-            f"model={name} builds a {_NETS[name].kind} net but task={cfg.task.name} is {kind}; "
+            f"model={name} builds a {NET_KINDS[name]} net but task={cfg.task.name} is {kind}; "
             f"choose model= one of {valid}"
         )
     _integer(cfg, "model.norm_groups", 1, 512, 8)

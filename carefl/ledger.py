@@ -54,13 +54,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypedDict
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from carefl.checkpoint import fsync_dir
 from carefl.errors import CareFLError
+
+if TYPE_CHECKING:  # torch is imported where tensors are hashed: the config check imports this module
+    from torch import Tensor
 
 GENESIS = "0" * 64
 LEDGER_FILE = "ledger.jsonl"
@@ -144,10 +144,12 @@ def hash_state_dict(state: Mapping[str, Tensor]) -> str:
     ``requires_grad`` or storage sharing: a state dict saved with ``torch.save`` and loaded
     back hashes the same.
     """
+    import torch
+
     digest = hashlib.sha256()
     for key in sorted(state):
         tensor = state[key]
-        if not isinstance(tensor, Tensor):
+        if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"state[{key!r}] is a {type(tensor).__name__}, not a Tensor")
         tensor = tensor.detach().cpu().contiguous()
         header = canonical_json({"key": key, "dtype": str(tensor.dtype), "shape": list(tensor.shape)}).encode()
@@ -430,6 +432,8 @@ def verify_run(run_dir: str | os.PathLike) -> VerifyResult:
     if last["kind"] != "end":
         reason = f"missing: the ledger stops at entry {n - 1} ({last['kind']!r}) although {MODEL_FILE} exists"
         return VerifyResult(False, n, n, reason + "; entries were removed from the end")
+    import torch
+
     try:
         actual = hash_state_dict(torch.load(model, map_location="cpu", weights_only=True))
     except Exception as err:  # unreadable or not a state dict: cannot match either way

@@ -32,6 +32,7 @@ from monai.networks.layers import Norm
 from monai.networks.nets import UNet, BasicUNet, DenseNet121
 from torch import nn
 
+from carefl.choices import NET_KINDS
 from carefl.errors import ConfigError
 
 
@@ -110,18 +111,21 @@ def _classifier(m: Mapping[str, Any], task: Mapping[str, Any]) -> nn.Module:
 
 @dataclass(frozen=True)
 class _Net:
-    kind: str  # the task kind the net solves
+    kind: str  # the task kind the net solves (carefl.choices.NET_KINDS)
     build: Callable[[Mapping[str, Any], Mapping[str, Any]], nn.Module]
     multiple: Callable[[Mapping[str, Any]], int]  # see spatial_multiple
 
 
-_NETS: dict[str, _Net] = {
-    "unet": _Net("segmentation", _unet, lambda m: math.prod(m["strides"])),
-    "basicunet": _Net("segmentation", _basicunet, lambda m: 16),  # 4 max-pools
+#: model.name -> (builder, spatial multiple); the names and kinds are carefl.choices.NET_KINDS
+_BUILDERS: dict[str, tuple[Callable, Callable[[Mapping[str, Any]], int]]] = {
+    "unet": (_unet, lambda m: math.prod(m["strides"])),
+    "basicunet": (_basicunet, lambda m: 16),  # 4 max-pools
     # stride-2 stem + max-pool + 3 transitions; the head pools adaptively
-    "densenet121": _Net("classification", _densenet121, lambda m: 32),
-    "classifier": _Net("classification", _classifier, lambda m: math.prod(m["strides"])),
+    "densenet121": (_densenet121, lambda m: 32),
+    "classifier": (_classifier, lambda m: math.prod(m["strides"])),
 }
+assert set(_BUILDERS) == set(NET_KINDS), "every net in carefl.choices.NET_KINDS needs a builder, and no other"
+_NETS: dict[str, _Net] = {name: _Net(NET_KINDS[name], *_BUILDERS[name]) for name in NET_KINDS}
 
 
 def _net(model_cfg: Mapping[str, Any]) -> _Net:

@@ -91,6 +91,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader
 
+from carefl.choices import ACCOUNTANTS, GRAD_SAMPLE_MODES
 from carefl.dp_bk import BKPrivacyEngine
 from carefl.errors import ConfigError
 
@@ -101,12 +102,6 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing when gra
 #: One accountant history entry: (noise_multiplier sigma, sample_rate q, number of steps).
 Step = tuple[float, float, int]
 
-ACCOUNTANTS = ("prv", "rdp")
-#: Opacus per-sample gradient modes that train all our nets (privacy.grad_sample_mode).
-#: benchmarks/bench_dp.py: "ew" (ExpandedWeights) fails on PReLU, ConvTranspose and DenseNet's
-#: strided views; "ghost" needs a per-sample loss of shape (N,) and is slower for conv nets.
-#: "bk" is CareFL's book-keeping engine (carefl.dp_bk): exact clipping, one backward.
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "bk")
 #: ``torch.rand`` (float32, CPU) draws ``j * 2**-24`` with j uniform in [0, 2**24): ``rand < t``
 #: holds with probability exactly t only for t on that grid, and with up to 2**-24 more otherwise.
 RAND_GRID = 2**24

@@ -38,15 +38,11 @@ import torch
 from monai.losses import DiceCELoss, DiceLoss
 from monai.metrics import DiceMetric, compute_roc_auc
 
+from carefl.choices import CLASSIFICATION, LOSSES, SEGMENTATION
 from carefl.errors import ConfigError, DataError
 
 log = logging.getLogger("carefl.tasks")
 
-SEGMENTATION = "segmentation"
-CLASSIFICATION = "classification"
-
-#: the task kinds (``task.kind``)
-KINDS = (SEGMENTATION, CLASSIFICATION)
 
 
 def metric_names(task) -> tuple[str, ...]:
@@ -106,8 +102,7 @@ def build_loss(task) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         return DiceCELoss(**head)
     if kind == CLASSIFICATION and name == "ce":
         return torch.nn.CrossEntropyLoss()
-    valid = "dice | dice_ce" if kind == SEGMENTATION else "ce"
-    raise ConfigError(f"task.loss={name!r} is not a {kind} loss; use task.loss={valid}")
+    raise ConfigError(f"task.loss={name!r} is not a {kind} loss; use task.loss={' | '.join(LOSSES[kind])}")
 
 
 _ONE_CLASS_WARNED: set[int] = set()  # classes whose one-class-split warning was logged

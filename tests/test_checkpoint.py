@@ -85,7 +85,7 @@ def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
         f.truncate(f.tell() // 2)  # half of the bytes reached the disk ...
         raise OSError("disk full")  # ... then the process died
 
-    monkeypatch.setattr(checkpoint.torch, "save", crashing_save)
+    monkeypatch.setattr(torch, "save", crashing_save)  # the one checkpoint.atomic_save imports when it runs
     with pytest.raises(OSError, match="disk full"):
         save_round_checkpoint(tmp_path, 2, make_state(2))
     monkeypatch.undo()

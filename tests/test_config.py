@@ -352,3 +352,19 @@ def test_one_string_of_overrides_keeps_the_quotes_hydra_needs():
     assert cfg.federation.hospital_keys["st-mary"] == key
     with pytest.raises(ConfigError, match="never closed"):
         split_overrides('run_id="a b')
+
+
+@pytest.mark.parametrize("override", ["model.channels=abc", "model=densenet121", "task.loss=ce",
+                                      "privacy.accountant=moments", "privacy.grad_sample_mode=ew",
+                                      "+federation.hospital_keys.st-mary=abc", "tracking=mlfow"])
+def test_a_bad_override_is_answered_before_torch_monai_or_opacus_is_imported(override):
+    """carefl-sim and the ServerApp check overrides first: refusing one must not cost the ~2 s
+    of importing torch, MONAI and Opacus (the names to check against are in carefl.choices)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom carefl.config import compose_config\nfrom carefl.errors import ConfigError\n"
+            f"try:\n    compose_config({override!r})\nexcept ConfigError as err:\n    print('refused:', err)\n"
+            "print(sorted(m for m in ('torch', 'monai', 'opacus') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "refused:" in done.stdout and done.stdout.strip().endswith("[]"), done.stdout + done.stderr
