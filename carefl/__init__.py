@@ -24,9 +24,13 @@ import warnings
 # - Opacus "First batch is empty": an empty Poisson batch is a real event that
 #   carefl.training.train_epochs turns into a noise-only step, as the accountant counts it;
 # - SQLAlchemy "The ``noload`` loader strategy is deprecated": MLflow's SQLite store
-#   (tracking=mlflow), about MLflow's own code.
+#   (tracking=mlflow), about MLflow's own code;
+# - torch "Using a non-tuple sequence for multidimensional indexing": MONAI's occlusion
+#   sensitivity and Gaussian kernels (the explanation gallery, carefl-predict --explain), about
+#   MONAI's own code.
 for _message in ("Secure RNG turned off", "Full backward hook is firing", "Optimal order is the largest alpha",
-                 "The ``noload`` loader strategy is deprecated"):
+                 "The ``noload`` loader strategy is deprecated",
+                 "Using a non-tuple sequence for multidimensional indexing"):
     warnings.filterwarnings("ignore", message=f".*{_message}")
 logging.getLogger("opacus.data_loader").addFilter(lambda record: "First batch is empty" not in record.getMessage())
 
