@@ -173,23 +173,43 @@ def _data_pass(cfg, train) -> float:
     return time.perf_counter() - start
 
 
-def _one_local_epoch(cfg, train, dp: bool) -> float:
-    """Wall seconds of one local epoch (``federation.batch_size``) on the configured model, data
-    draws included; ``dp``: DP-SGD as a hospital runs it (the Poisson loader, ``cfg.privacy``'s
-    clip bound and per-sample-gradient mode, sigma 1.0: the noise level does not change the time)."""
+class _WaitTimed:
+    """A loader whose iteration adds up the seconds the training loop waits for each batch."""
+
+    def __init__(self, loader) -> None:
+        self.loader, self.dataset, self.wait_s = loader, loader.dataset, 0.0
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            self.wait_s += time.perf_counter() - start
+            if batch is None:
+                return
+            yield batch
+
+
+def _one_local_epoch(cfg, train, dp: bool, workers: int = 0) -> tuple[float, float]:
+    """``(epoch, wait)`` wall seconds of one local epoch (``federation.batch_size``) on the
+    configured model, data draws included, and of its waits for the next batch; ``dp``: DP-SGD
+    as a hospital runs it (the Poisson loader, ``cfg.privacy``'s clip bound and per-sample-gradient
+    mode, sigma 1.0: the noise level does not change the time); ``workers``: the hospital's
+    ``data-workers`` (batches built in worker processes while the model trains)."""
     from carefl.models import build_model
     from carefl.training import make_loader, make_optimizer, train_epochs
 
     model = build_model(cfg)
     optimizer = make_optimizer(model, cfg.federation.optimizer, cfg.federation.lr)
-    loader = make_loader(train, cfg.federation.batch_size, 0)
+    loader = make_loader(train, cfg.federation.batch_size, 0, workers=workers)
     if dp:
         from carefl.hospital import make_private
 
         model, optimizer, loader, _ = make_private(cfg, model, optimizer, loader, 1.0, [])
+    timed = _WaitTimed(loader)
     start = time.perf_counter()
-    train_epochs(model, optimizer, loader, cfg.task, 1)
-    return time.perf_counter() - start
+    train_epochs(model, optimizer, timed, cfg.task, 1)
+    return time.perf_counter() - start, timed.wait_s
 
 
 def child(kind: str, datalist: Path, cache_dir: Path, with_epoch: bool = False) -> dict:
@@ -217,9 +237,10 @@ def child(kind: str, datalist: Path, cache_dir: Path, with_epoch: bool = False) 
     test_s = time.perf_counter() - mark
     wall_s, cpu_s = time.perf_counter() - wall, time.process_time() - cpu
     epochs = {}
-    if with_epoch:  # epoch_s: without DP; dp_epoch_s: DP-SGD
-        epochs = {"data_pass_s": _data_pass(cfg, hd.train), "epoch_s": _one_local_epoch(cfg, hd.train, False),
-                  "dp_epoch_s": _one_local_epoch(cfg, hd.train, True)}
+    if with_epoch:  # epoch_s: without DP; dp_epoch_s: DP-SGD; *_wait_s: its waits for batches; _w1: data-workers=1
+        epochs = {"data_pass_s": _data_pass(cfg, hd.train)}
+        for key, dp, workers in (("epoch", False, 0), ("dp_epoch", True, 0), ("dp_epoch_w1", True, 1)):
+            epochs[f"{key}_s"], epochs[f"{key}_wait_s"] = _one_local_epoch(cfg, hd.train, dp, workers)
     return {"imports_s": imports_s, "wall_s": wall_s, "cpu_s": cpu_s, "epoch_s": None, **epochs,
             "load_hospital_s": load_s, "train_pass_s": train_s, "test_pass_s": test_s,
             "train_records": len(hd.train), "test_records": len(hd.test),
@@ -250,13 +271,21 @@ def measure(kind: str, datalist: Path, cache_dir: Path, repeat: int) -> dict:
     shutil.rmtree(cache_dir, ignore_errors=True)
     print(f"{kind}: first round (empty cache {cache_dir})", flush=True)
     first = run_child(kind, datalist, cache_dir)
-    cache_mib = _size_mib(cache_dir)
+    cache_mib, prepared = _size_mib(cache_dir), _entries(cache_dir)
     later = []
     for r in range(repeat):
         print(f"{kind}: later round {r + 1}/{repeat}", flush=True)
         later.append(run_child(kind, datalist, cache_dir, with_epoch=r == 0))
-    return {"dataset": kind, "first": first, "later": later, "cache_mib": cache_mib,
-            "load_start": load_start, "load_end": os.getloadavg()}
+    rewritten = sum(1 for path, stamp in _entries(cache_dir).items() if prepared.get(path) != stamp)
+    return {"dataset": kind, "first": first, "later": later, "cache_mib": cache_mib, "cache_entries": len(prepared),
+            "later_rewrote": rewritten, "load_start": load_start, "load_end": os.getloadavg()}
+
+
+def _entries(cache_dir: Path) -> dict[str, int]:
+    """Every prepared record's file in a cache with its modification time (ns): what a later round
+    must not rewrite (the data card, ``data_card.json``, is written again by every load)."""
+    return {str(p.relative_to(cache_dir)): p.stat().st_mtime_ns for p in cache_dir.rglob("*")
+            if p.is_file() and p.name != "data_card.json"}
 
 
 def _table(results: list[dict]) -> str:
@@ -292,6 +321,17 @@ def _table(results: list[dict]) -> str:
         rows.append(f"| {res['dataset']} | {r['load_hospital_s']:.2f} | {r['data_pass_s']:.2f} | {r['epoch_s']:.1f} "
                     f"| {data / (r['load_hospital_s'] + r['epoch_s']):.1%} | {r['dp_epoch_s']:.1f} "
                     f"| {data / (r['load_hospital_s'] + r['dp_epoch_s']):.1%} |")
+    rows += ["", "DP-SGD epoch of a later round, measured inside training: the seconds the loop waits for its next "
+             "batch, without and with one worker process (the hospital's data-workers=1)", "",
+             "| dataset | epoch s | waits s | data share | epoch, 1 worker s | waits s | data share |",
+             "|---|---|---|---|---|---|---|"]
+    for res in results:
+        r = next((r for r in res["later"] if r.get("dp_epoch_w1_s")), None)
+        if r is not None:
+            base, one = r["load_hospital_s"], r["dp_epoch_w1_s"]
+            rows.append(f"| {res['dataset']} | {r['dp_epoch_s']:.1f} | {r['dp_epoch_wait_s']:.2f} "
+                        f"| {(base + r['dp_epoch_wait_s']) / (base + r['dp_epoch_s']):.1%} | {one:.1f} "
+                        f"| {r['dp_epoch_w1_wait_s']:.2f} | {(base + r['dp_epoch_w1_wait_s']) / (base + one):.1%} |")
     return "\n".join(rows)
 
 

@@ -427,7 +427,8 @@ def _local_training(cfg, policy: SitePolicy, key: SigningKey, receipts: ReceiptL
     optimizer = make_optimizer(model, fed.optimizer, fed.lr)
     metrics: dict[str, float] = {"num_examples": float(n)}
     if not cfg.privacy.enabled:  # admitted only when the policy says require-dp=false
-        result = train_epochs(model, optimizer, make_loader(train_set, fed.batch_size, seed=seed), cfg.task, epochs,
+        loader = make_loader(train_set, fed.batch_size, seed=seed, workers=policy.data_workers)
+        result = train_epochs(model, optimizer, loader, cfg.task, epochs,
                               prox_mu, _progress(policy, n, fed.batch_size, epochs), anchor)
         metrics.update(train_loss=result.loss, steps=float(result.steps))
         return model, metrics, None
@@ -451,7 +452,8 @@ def _local_training(cfg, policy: SitePolicy, key: SigningKey, receipts: ReceiptL
         return None, {**metrics, "reason": f"{policy.hospital}: {reason}"}, history
     # set up first (a request it cannot serve, e.g. secure_mode, fails here and spends nothing),
     # then write the spend ahead of training: from here a crash can only over-count
-    dp_model, dp_optimizer, dp_loader, engine = make_private(cfg, model, optimizer, make_loader(train_set, fed.batch_size, seed=0), sigma, history)
+    loader = make_loader(train_set, fed.batch_size, seed=0, workers=policy.data_workers)
+    dp_model, dp_optimizer, dp_loader, engine = make_private(cfg, model, optimizer, loader, sigma, history)
     budget.save(policy.state_dir, key, privacy.extended(history, sigma, sample_rate, steps), base=history)
     result = train_epochs(dp_model, dp_optimizer, dp_loader, cfg.task, epochs, prox_mu,
                           _progress(policy, n, fed.batch_size, epochs), anchor)

@@ -280,7 +280,8 @@ def make_private(
     q = sample_rate(len(loader.dataset), loader.batch_size)
     steps = round(1 / q)  # = ceil(N / B), exactly
     poisson = DPDataLoader(loader.dataset, sample_rate=math.floor(q * RAND_GRID) / RAND_GRID,
-                           collate_fn=loader.collate_fn, generator=entropy_generator())
+                           collate_fn=loader.collate_fn, generator=entropy_generator(),
+                           num_workers=loader.num_workers, persistent_workers=loader.persistent_workers)
     poisson.batch_sampler.steps = steps  # the sampler's own step count (its constructor argument)
     model, optimizer, poisson = engine.make_private(
         module=model,

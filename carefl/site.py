@@ -26,6 +26,9 @@ key                    meaning (default)
 ``allowed-tasks``      comma-separated ``task.name`` values it trains (any)
 ``torch-threads``      intra-op threads of its training process (the request's
                        ``federation.torch_threads``)
+``data-workers``       DataLoader worker processes that prepare its training batches while
+                       the model trains (0: in the training process itself). 1 takes the data
+                       step out of a round's time where a core is free (BENCHMARKS.md section 4) (0)
 ``key-file``           its Ed25519 signing key (``<state-dir>/hospital_key.pem``)
 ``cache-dir``          where its preprocessed images are kept between rounds and runs
                        (``<state-dir>/data-cache``); it holds patient images: keep it
@@ -80,14 +83,15 @@ from carefl.request import NAME, Request
 #: keys Flower's simulation engine sets itself
 SIMULATION_KEYS = ("partition-id", "num-partitions")
 DEFAULTS = {"require-dp": True, "max-local-epochs": 10, "max-batch-size": 1024, "max-rounds": 1000, "max-bad-files": 0,
-            "share-data-card": False, "share-gallery": False, "require-secagg": False, "secagg-min-bucket": 3,
+            "share-data-card": False, "share-gallery": False, "data-workers": 0, "require-secagg": False, "secagg-min-bucket": 3,
             "secagg-min-threshold": 0.5}
 #: the default cache-dir under the state dir
 CACHE_DIR = "data-cache"
 #: node-config keys a SuperNode may set
 NODE_KEYS = (
     "hospital", "data-path", "state-dir", "require-dp", "epsilon-cap", "delta", "max-local-epochs",
-    "max-batch-size", "max-rounds", "allowed-models", "allowed-tasks", "torch-threads", "key-file", "cache-dir",
+    "max-batch-size", "max-rounds", "allowed-models", "allowed-tasks", "torch-threads", "data-workers", "key-file",
+    "cache-dir",
     "max-bad-files", "share-data-card", "share-gallery", "require-secagg", "secagg-min-bucket",
     "secagg-min-threshold", "secagg-peer-keys", "site-policy",
 )
@@ -130,6 +134,7 @@ class SitePolicy:
     secagg_min_threshold: float
     secagg_peer_keys: dict[str, str] | None = None
     share_gallery: bool = False
+    data_workers: int = 0
 
 
 def _policy_file(path: str) -> dict[str, Any]:
@@ -285,6 +290,9 @@ def read_policy(node_config: Mapping[str, Any], request: Request) -> SitePolicy:
     threads = _number(values, "torch-threads", integer=True) if "torch-threads" in values else None
     if threads is not None and not 1 <= threads <= 1024:
         raise ConfigError(f"torch-threads={threads} in {values['torch-threads'][1]} must be in 1..1024")
+    workers = _number(values, "data-workers", integer=True)
+    if not 0 <= workers <= 64:
+        raise ConfigError(f"data-workers={workers} in {values['data-workers'][1]} must be in 0..64")
     state_dir = Path(str(values["state-dir"][0])).expanduser()
     key_file = Path(str(values["key-file"][0])).expanduser() if "key-file" in values else state_dir / KEY_FILE
     cache_dir = Path(str(values["cache-dir"][0])).expanduser() if "cache-dir" in values else state_dir / CACHE_DIR
@@ -297,7 +305,7 @@ def read_policy(node_config: Mapping[str, Any], request: Request) -> SitePolicy:
         cache_dir=cache_dir, max_bad_files=max_bad, share_data_card=_flag(values, "share-data-card"),
         require_secagg=_flag(values, "require-secagg"), secagg_min_bucket=min_bucket,
         secagg_min_threshold=min_threshold, secagg_peer_keys=_peer_keys(values),
-        share_gallery=_flag(values, "share-gallery"),
+        share_gallery=_flag(values, "share-gallery"), data_workers=workers,
     )
 
 

@@ -65,15 +65,18 @@ def make_optimizer(model: torch.nn.Module, name: str, lr: float) -> torch.optim.
     raise ConfigError(f"federation.optimizer={name!r} is unknown; use adam or sgd")
 
 
-def make_loader(dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True, workers: int = 0) -> DataLoader:
     """A seeded DataLoader (``(image, label)`` batches). DP replaces it by a Poisson loader that
     keeps its ``collate_fn``: the dataset's own when it has one (training augmentation applied
-    to the whole batch, :class:`carefl.data.augment.BatchAugment`)."""
+    to the whole batch, :class:`carefl.data.augment.BatchAugment`) and its ``workers``: worker
+    processes (forked, kept for the loader's life) that prepare the next batches while the
+    model trains on this one (a hospital's ``data-workers``; 0: in this process)."""
     if batch_size < 1:
         raise ConfigError(f"federation.batch_size={batch_size} must be >= 1")
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=getattr(dataset, "collate_fn", None))
+                      collate_fn=getattr(dataset, "collate_fn", None), num_workers=workers,
+                      persistent_workers=workers > 0)
 
 
 def train_epochs(

@@ -64,7 +64,7 @@ def test_bench_data_tiny_reads_from_the_cache_in_later_rounds(tmp_path):
         first, (later,) = res["first"], res["later"]
         assert first["train_records"] + first["test_records"] >= 2 and res["cache_mib"] > 0
         assert _positive(later["epoch_s"]) and _positive(first["load_hospital_s"])
-        assert later["load_hospital_s"] < first["load_hospital_s"]  # prepared once, then looked up
+        assert res["cache_entries"] > 0 and res["later_rewrote"] == 0  # prepared once, then only looked up
 
 
 @pytest.mark.slow

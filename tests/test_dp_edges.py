@@ -187,3 +187,31 @@ def test_a_hospital_at_k_93_spends_exactly_its_plan_and_stays_under_its_cap(monk
         history = list(engine.accountant.history)
     assert history == [(sigma, q, rounds * per_round)]
     assert epsilon(history, delta, "rdp") <= cap
+
+
+# ---- a hospital's data-workers: batches built in worker processes --------------------
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_data_workers_change_where_batches_are_built_not_the_dp_steps(monkeypatch, epochs):
+    """make_private keeps make_loader's workers on its Poisson loader. The main process still
+    draws the Poisson batches (the batch sampler), so with the same seeds a DP-SGD epoch with one
+    worker takes the very steps of one without (same weights after); later epochs keep the
+    planned step count, empty Poisson batches included."""
+    from carefl.training import make_loader
+
+    def run(workers: int):
+        _seeded(monkeypatch, 11)
+        model, data = _tiny(n=12, seed=3)
+        dp_model, dp_opt, loader, engine = make_private(model, make_optimizer(model, "sgd", 0.05),
+                                                        make_loader(data, 4, seed=0, workers=workers),
+                                                        noise_multiplier=1.0, max_grad_norm=C)
+        assert loader.num_workers == workers
+        result = train_epochs(dp_model, dp_opt, loader, CLS, epochs)
+        return result.steps, engine.accountant.history, _flat(model)
+
+    steps0, history0, weights0 = run(0)
+    steps1, history1, weights1 = run(1)
+    assert steps0 == steps1 == epochs * local_steps(12, 4, 1) and history0 == history1
+    if epochs == 1:
+        assert torch.equal(weights0, weights1)

@@ -288,3 +288,13 @@ def test_a_cap_below_the_consortiums_target_trains_every_round_with_more_noise(t
     state = tmp_path / "state"
     history = budget.load(state, SigningKey.load_or_create(state / KEY_FILE), ReceiptLog(state / LOG_FILE))
     assert privacy.epsilon(history, 1e-5) <= 5.0
+
+
+def test_a_hospital_with_data_workers_trains_its_round_and_a_bad_count_is_refused(tmp_path):
+    """data-workers is the hospital's: one worker process builds its batches under DP-SGD (the
+    round is an ordinary DP round), and a count outside 0..64 is refused by name."""
+    text, state = request()
+    reply = handle(TRAIN, text, state, node(tmp_path / "a", **{"data-workers": 1}))
+    assert reply.status == "ok" and reply.metrics["epsilon"] > 0, reply.reason
+    bad = handle(TRAIN, text, state, node(tmp_path / "b", **{"data-workers": -1}))
+    assert bad.status == "refused" and "data-workers=-1" in bad.reason
