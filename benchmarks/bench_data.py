@@ -218,6 +218,7 @@ def child(kind: str, datalist: Path, cache_dir: Path, with_epoch: bool = False) 
     t0 = time.perf_counter()
     import torch
 
+    import carefl.data.decathlon  # noqa: F401 - MONAI: every hospital process imports it for its model
     from carefl.config import compose_config
     from carefl.data import load_hospital
 
