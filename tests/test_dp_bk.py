@@ -25,14 +25,16 @@ TINY = {  # overrides for a small net per model; side = image side
     "classifier": (["model.channels=[4,8]", "model.strides=[2,2]", "model.norm_groups=2"], 16),
     "densenet121": (["model.norm_groups=8"], 32),  # fixed widths; 32 = its smallest input
 }
-CASES = [(name, dims) for name in TINY for dims in (2, 3) if dims == 2 or name in ("unet", "classifier")]
+CASES = [(name, dims) for name in TINY for dims in (2, 3)]  # every model in conf/model, 2D and 3D
+#: the 3D side per model: the smallest its net takes (basicunet pools 4 times, densenet121 needs >= 29)
+SIDE_3D = {"unet": 8, "classifier": 8, "basicunet": 16, "densenet121": 32}
 
 
 def _setup(name: str, dims: int, batch: int = 3):
     """(cfg, model, (x, y)) for model ``name`` on the ``dims``-D task of its kind."""
     overrides, side = TINY[name]
     kind = "seg" if name in ("unet", "basicunet") else "cls"
-    side = 8 if dims == 3 else side
+    side = SIDE_3D[name] if dims == 3 else side
     cfg = compose_config([f"task={kind}{dims}d", f"model={name}", *overrides])
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 1, *[side] * dims, generator=g)
