@@ -42,6 +42,7 @@ import math
 import os
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 log = logging.getLogger("carefl.server")
 
@@ -82,6 +83,15 @@ def flat_params(config: dict, prefix: str = "") -> dict[str, str]:
         else:
             params[name] = str(value)[:_PARAM_CHARS]
     return params
+
+
+def shown_uri(uri: str) -> str:
+    """``uri`` as the logs show it: a password in it (``https://user:secret@host``) is replaced by ``***``."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{parts.hostname}"
+                                            + (f":{parts.port}" if parts.port else "")))
 
 
 def mlflow_uri(uri: str | None, output_root: Path) -> str:
@@ -135,7 +145,7 @@ class MlflowView:
             for i in range(0, len(params), _PARAMS_PER_BATCH):
                 client.log_batch(self.run_id, params=params[i:i + _PARAMS_PER_BATCH])
         self.client = client
-        log.info("MLflow: run %s in experiment %r at %s", self.run_id, self.experiment, self.uri)
+        log.info("MLflow: run %s in experiment %r at %s", self.run_id, self.experiment, shown_uri(self.uri))
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         self._open()
@@ -172,8 +182,9 @@ class Tracker:
         try:
             getattr(self.mlflow, action)(*args)
         except Exception as err:  # noqa: BLE001 - any store error (network, disk, schema) ends the view only
+            first = str(err).splitlines()[0] if str(err) else ""
             log.warning("MLflow tracking at %s stopped (%s: %s); the run goes on, metrics.json stays the record",
-                        self.mlflow.uri, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                        shown_uri(self.mlflow.uri), type(err).__name__, first.replace(self.mlflow.uri, shown_uri(self.mlflow.uri)))
             self.mlflow = None
 
     def log_rounds(self, rounds: list[dict]) -> None:

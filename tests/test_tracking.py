@@ -158,3 +158,11 @@ def test_baselines_print_progress_with_what_is_left(caplog):
     for what in ("local-only st-mary", "local-only riverside", "local-only northfield", "pooled"):
         mine = [line for line in lines if line.startswith(f"baseline {what}:")]
         assert mine and "(100%)" in mine[-1] and "~0 s left" in mine[-1], lines
+
+
+def test_a_password_in_the_tracking_uri_never_reaches_the_logs():
+    from carefl.tracking import shown_uri
+
+    assert shown_uri("https://ops:s3cret@mlflow.example.org:5000/x") == "https://ops:***@mlflow.example.org:5000/x"
+    assert shown_uri("http://mlflow.example.org:5000") == "http://mlflow.example.org:5000"
+    assert shown_uri("sqlite:////srv/carefl/mlflow.db") == "sqlite:////srv/carefl/mlflow.db"
