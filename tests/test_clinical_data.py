@@ -544,25 +544,54 @@ def test_a_damaged_cache_entry_is_prepared_again_not_a_crash(tmp_path):
     assert all(np.load(npy, allow_pickle=False).size for npy in cache.glob("*.npy"))  # every entry whole again
 
 
-def write_multiframe(path: Path, volume: np.ndarray) -> str:
-    """One multi-frame DICOM file (``volume`` int16 ``(frames, rows, cols)``), written with pydicom."""
-    ds = ct_dataset(volume.shape[1:], volume, (generate_uid(), generate_uid(), generate_uid()),
-                    NumberOfFrames=volume.shape[0], PixelSpacing=[0.7, 0.7], SliceThickness=2.5,
-                    SpacingBetweenSlices=2.5, ImagePositionPatient=[0.0, 0.0, 0.0])
+def write_multiframe(path: Path, volume: np.ndarray, enhanced: bool = False) -> str:
+    """One multi-frame DICOM file (``volume`` int16 ``(frames, rows, cols)``), written with
+    pydicom: a legacy CT (SpacingBetweenSlices 2.5), or ``enhanced``: an Enhanced CT whose
+    functional groups give PixelSpacing 0.7 x 0.9, the orientation and each frame's position,
+    2.5 mm apart (the geometry :func:`write_series` gives the same volume as a series)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    uids = (generate_uid(), generate_uid(), generate_uid())
+    if not enhanced:
+        ds = ct_dataset(volume.shape[1:], volume, uids, NumberOfFrames=volume.shape[0], PixelSpacing=[0.7, 0.7],
+                        SliceThickness=2.5, SpacingBetweenSlices=2.5, ImagePositionPatient=[0.0, 0.0, 0.0])
+    else:
+        ds = ct_dataset(volume.shape[1:], volume, uids, NumberOfFrames=volume.shape[0])
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT
+        del ds.ImageOrientationPatient
+        measures, orientation, shared = Dataset(), Dataset(), Dataset()
+        measures.PixelSpacing, measures.SliceThickness = [0.7, 0.9], 2.5
+        orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = Sequence([measures]), Sequence([orientation])
+        ds.SharedFunctionalGroupsSequence = Sequence([shared])
+        frames = []
+        for k in range(volume.shape[0]):
+            position, frame = Dataset(), Dataset()
+            position.ImagePositionPatient = [0.0, 0.0, k * 2.5]
+            frame.PlanePositionSequence = Sequence([position])
+            frames.append(frame)
+        ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
     ds.save_as(path, enforce_file_format=True)
     return path.name
 
 
-def test_a_multiframe_dicom_without_per_frame_geometry_is_refused_not_misplaced(tmp_path):
-    """MONAI reads such a file with 1 mm between frames whatever its header says (2.5 here):
-    CareFL refuses it with the fix instead of training on a wrong grid."""
+@pytest.mark.parametrize("enhanced", [False, True], ids=["legacy", "enhanced"])
+def test_a_multiframe_dicom_file_is_refused_not_misplaced(tmp_path, enhanced):
+    """MONAI reads a multi-frame file on a wrong grid: a legacy one with 1 mm between frames
+    whatever its header says (2.5 here); an Enhanced one with an identity affine and its axes
+    reordered, where the same volume and geometry as a series folder reads right. CareFL refuses
+    both with the fix instead of training on a wrong grid."""
     image, label = blobs((6, 20, 16), 70)
-    name = write_multiframe(tmp_path / "mf.dcm", image * 2 - 100)
+    volume = (image * 2 - 100).astype(np.int16)
+    name = write_multiframe(tmp_path / "mf.dcm", volume, enhanced)
     read = LoadImage(image_only=True)(str(tmp_path / name))
+    series = LoadImage(image_only=True)(str(tmp_path / write_series(tmp_path / "s", volume, (0.7, 0.9), 2.5)))
+    assert not (read.shape == series.shape and np.allclose(np.asarray(read.affine), np.asarray(series.affine)))
     assert 1.0 in np.linalg.norm(np.asarray(read.affine)[:3, :3], axis=0).round(3)  # the reader's wrong spacing
     mask = nifti(tmp_path / "m.nii.gz", np.zeros(tuple(read.shape), np.uint8), np.asarray(read.affine))
     entries = [{"image": name, "label": mask}] * 2
-    with pytest.raises(DataError, match="mf.dcm is a multi-frame DICOM without per-frame geometry.*dcm2niix"):
+    with pytest.raises(DataError, match="mf.dcm is a multi-frame DICOM file, whose frames the reader cannot place.*dcm2niix"):
         load_hospital(cfg_for("task=seg3d", "data.spatial_size=[8,8,8]"), "h", 0, data_path=datalist(tmp_path, entries))
 
 

@@ -12,9 +12,8 @@ PixelSpacing, converted to RAS like the NIfTI one). A list of image files is sta
 
 Checked here, each failure one :class:`~carefl.errors.DataError` naming the file and the fix:
 
-- a multi-frame DICOM file without per-frame geometry is refused (MONAI would read it on a
-  wrong grid, see :func:`_multiframe_without_geometry`); Enhanced multi-frame files with
-  functional groups are passed to the reader, untested here;
+- a multi-frame DICOM file is refused, legacy or Enhanced (MONAI would read it on a wrong
+  grid, see :func:`_multiframe`): a series folder or NIfTI carries the same study;
 - every channel file and the label share one geometry: spatial shape equal and affines equal
   within 1e-3 mm + 1e-4 relative (so a mask transposed or flipped relative to its image, or
   drawn on another grid, is refused rather than trained on);
@@ -53,11 +52,14 @@ _READERS = ("no reader could open it (NIfTI is read by nibabel, PNG/JPEG by pill
             "series folder by pydicom; all three are installed with CareFL); check that the file is complete")
 
 
-def _multiframe_without_geometry(file: str) -> bool:
-    """Whether ``file`` is a multi-frame DICOM without per-frame geometry (no Enhanced
-    functional groups). MONAI's PydicomReader then cannot place its frames: measured here, a
-    6-frame file with SpacingBetweenSlices 2.5 read back with 1.0 mm between frames and its
-    axes reordered, so such a file would be trained on a wrong grid without any error."""
+def _multiframe(file: str) -> bool:
+    """Whether ``file`` is a multi-frame DICOM file. MONAI's PydicomReader cannot place the
+    frames of one (measured here, MONAI 1.5): a legacy 6-frame CT with SpacingBetweenSlices 2.5
+    read back with 1.0 mm between frames and its axes reordered; an Enhanced CT whose functional
+    groups give PixelSpacing 0.7 x 0.9, orientation and a position 2.5 mm apart per frame read
+    back with an identity affine (spacing 1, no origin) and its axes reordered, where the same
+    volume as a series folder reads right. Its geometry handling of functional groups serves
+    DICOM-SEG only. Either file would be trained on a wrong grid without any error."""
     if reader_of(file) != DICOM_FILE:
         return False
     import pydicom
@@ -66,15 +68,15 @@ def _multiframe_without_geometry(file: str) -> bool:
         ds = pydicom.dcmread(file, stop_before_pixels=True)
     except Exception:  # not DICOM: the reader reports it
         return False
-    return int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 and "PerFrameFunctionalGroupsSequence" not in ds
+    return int(getattr(ds, "NumberOfFrames", 1) or 1) > 1
 
 
 def _read(loader: LoadImage, name: str, role: str, file: str, dims: int) -> MetaTensor:
     if not os.path.exists(file):
         raise DataError(f"entry {name} {role} {file} does not exist; fix the path in the datalist")
-    if _multiframe_without_geometry(file):
-        raise DataError(f"entry {name} {role} {file} is a multi-frame DICOM without per-frame geometry, so its slice "
-                        "spacing and order cannot be read; export the study as a DICOM series or NIfTI (e.g. dcm2niix)")
+    if _multiframe(file):
+        raise DataError(f"entry {name} {role} {file} is a multi-frame DICOM file, whose frames the reader cannot place "
+                        "(slice spacing and order); export the study as a DICOM series or NIfTI (e.g. dcm2niix)")
     try:
         img = loader(file)
     except Exception as e:  # MONAI wraps every reader's failure in its own types
