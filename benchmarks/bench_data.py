@@ -219,6 +219,7 @@ def child(kind: str, datalist: Path, cache_dir: Path, with_epoch: bool = False) 
     import torch
 
     import carefl.data.decathlon  # noqa: F401 - MONAI: every hospital process imports it for its model
+    import carefl.hospital  # noqa: F401 - what a hospital process imports (and its gc.freeze)
     from carefl.config import compose_config
     from carefl.data import load_hospital
 
