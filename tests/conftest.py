@@ -234,13 +234,15 @@ class Deployment:
         return self.flwr("log", run_id, self.CONNECTION, "--show").stdout
 
     def wait_for_run(self, run_id: str, run_dir: Path, timeout: float) -> dict:
-        """Wait until the run's ``metrics.json`` says it ended; return it. Fails early, with
-        the ServerApp log, when Flower reports the run finished without it."""
+        """Wait until the run's ``metrics.json`` says it ended and Flower reports the run
+        finished (only then is the ledger's end entry, written after metrics.json, certainly
+        there); return the metrics. Fails early, with the ServerApp log, when Flower reports the
+        run finished without them."""
         metrics, checked = run_dir / "metrics.json", [time.monotonic()]
 
         def ended():
             if metrics.is_file() and (data := json.loads(metrics.read_text()))["status"] != "running":
-                return data
+                return data if self.status(run_id).startswith("finished") else None
             if time.monotonic() - checked[0] > 20:  # `flwr ls` costs ~1 s of CPU: not every poll
                 checked[0] = time.monotonic()
                 status = self.status(run_id)
