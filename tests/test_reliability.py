@@ -333,7 +333,10 @@ def test_a_supernode_killed_mid_secure_aggregation_is_survived(deployment: Deplo
     hospitals = ["st-mary", "riverside", "northfield", "eastgate"]
     deployment.start_synthetic_hospitals(hospitals, tmp_path / "state")
     out, run_dir = tmp_path / "out", tmp_path / "out" / "secagg-kill"
-    run_id = deployment.submit(f"secagg=on federation.rounds=2 federation.round_timeout_s=30 federation.min_hospitals=3 "
+    # the timeout is what the server waits for the killed node in each phase, and what every live
+    # hospital's fresh ClientApp process (four starting at once on 2 cores) must answer within: 30 s
+    # was too short for the live ones in CI, and the federation stopped below min_hospitals
+    run_id = deployment.submit(f"secagg=on federation.rounds=2 federation.round_timeout_s=90 federation.min_hospitals=3 "
                                f"federation.hospitals=[{','.join(hospitals)}] {TINY} output_dir={out} run_id=secagg-kill")
     pending_dir = tmp_path / "state" / "northfield" / "secagg"
 
@@ -347,7 +350,7 @@ def test_a_supernode_killed_mid_secure_aggregation_is_survived(deployment: Deplo
 
     wait_until(shared, 300, "northfield to make its shares", lambda: deployment.log(run_id) + deployment.procs.tails())
     deployment.procs.kill("supernode-northfield")
-    metrics = deployment.wait_for_run(run_id, run_dir, timeout=400)
+    metrics = deployment.wait_for_run(run_id, run_dir, timeout=1200)
 
     assert metrics["status"] == "completed"
     entries = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
