@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from carefl.data import load_hospital
-from carefl.hospital import local_steps, make_private, personal_epochs, planned_noise_multiplier
+from carefl.hospital import local_steps, make_private, planned_epochs, planned_noise_multiplier
 from carefl.models import build_model
 from carefl.site import CACHE_DIR
 from carefl.training import Progress, evaluate, make_loader, make_optimizer, train_epochs
@@ -27,7 +27,7 @@ def train_centrally(cfg, dataset: Dataset, seed: int, progress: Progress | None 
     trains (``rounds * local_epochs`` + personal epochs; DP if enabled). ``progress`` is
     called after every step."""
     fed = cfg.federation
-    epochs = baseline_epochs(cfg)
+    epochs = planned_epochs(cfg)
     model = build_model(cfg)
     optimizer = make_optimizer(model, fed.optimizer, fed.lr)
     loader = make_loader(dataset, fed.batch_size, seed)
@@ -39,15 +39,10 @@ def train_centrally(cfg, dataset: Dataset, seed: int, progress: Progress | None 
     return model
 
 
-def baseline_epochs(cfg) -> int:
-    """Epochs of a baseline: what one hospital of the federation trains in all."""
-    return cfg.federation.rounds * cfg.federation.local_epochs + personal_epochs(cfg)
-
-
 def _progress(cfg, log: logging.Logger | None, what: str, n: int) -> Progress | None:
     """Lines every 10 s with what is left of one baseline's training (as a hospital prints)."""
     return Progress(log, f"baseline {what}: {n} records", local_steps(n, cfg.federation.batch_size,
-                                                                      baseline_epochs(cfg))) if log else None
+                                                                      planned_epochs(cfg))) if log else None
 
 
 def run_baselines(cfg, log: logging.Logger | None = None, run_dir: Path | None = None) -> dict:

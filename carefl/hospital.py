@@ -404,6 +404,12 @@ def personal_epochs(cfg) -> int:
     return 0
 
 
+def planned_epochs(cfg) -> int:
+    """Epochs a hospital trains in a whole run: every round's local epochs plus its personal
+    ones (the noise plan's horizon, and a baseline's training)."""
+    return int(cfg.federation.rounds) * int(cfg.federation.local_epochs) + personal_epochs(cfg)
+
+
 def _progress(policy: SitePolicy, n: int, batch_size: int, epochs: int) -> Progress:
     """Progress lines of this hospital's local training, on its own console."""
     return Progress(log, f"hospital {policy.hospital} training {epochs} epoch(s) of {n} records",
@@ -447,7 +453,7 @@ def _local_training(cfg, policy: SitePolicy, key: SigningKey, receipts: ReceiptL
     steps = local_steps(n, fed.batch_size, epochs)
     reserve = local_steps(n, fed.batch_size, reserve_epochs) if reserve_epochs else 0
     history = budget.load(policy.state_dir, key, receipts) if history is None else history
-    sigma = planned_noise_multiplier(cfg, n, policy.delta, fed.rounds * fed.local_epochs + personal_epochs(cfg),
+    sigma = planned_noise_multiplier(cfg, n, policy.delta, planned_epochs(cfg),
                                      policy.state_dir, policy.epsilon_cap, history, run_id)
     ok, projected, reason = privacy.budget_check(policy.epsilon_cap, policy.delta, history, sigma, sample_rate,
                                                  steps + reserve, cfg.privacy.accountant)
