@@ -247,7 +247,10 @@ class Patches(Records):
         super().__init__(cache, augment)
         self.spatial_size, self.pos, self.neg = tuple(spatial_size), float(pos), float(neg)
         self.pad = SpatialPadd(["image", "label"], spatial_size)
-        self.rand = np.random.RandomState()
+        # numpy's global generator, not a private RandomState: PyTorch reseeds the global one in
+        # each DataLoader worker (a hospital's data-workers), where a private one would be forked
+        # with the same state into every worker and draw the same patch positions in each
+        self.rand = np.random
         self._fg: dict[int, int] = {}  # record -> foreground voxels (after padding), counted once
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
