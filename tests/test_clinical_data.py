@@ -544,6 +544,36 @@ def test_a_damaged_cache_entry_is_prepared_again_not_a_crash(tmp_path):
     assert all(np.load(npy, allow_pickle=False).size for npy in cache.glob("*.npy"))  # every entry whole again
 
 
+def test_cache_entries_map_their_recorded_layout_and_a_rewritten_array_is_prepared_again(tmp_path):
+    """Items are mapped through the dtype, shape and offset the entry's JSON records; a file whose
+    size no longer matches (a valid .npy of another dtype) is prepared again, and an entry written
+    before layouts were recorded still opens with np.load."""
+    import json
+
+    image, label = blobs((24, 24), 61)
+    entries = [{"image": nifti(tmp_path / f"i{i}.nii.gz", image), "label": nifti(tmp_path / f"l{i}.nii.gz", label)}
+               for i in range(3)]
+    cache, cfg = tmp_path / "cache", cfg_for("task.num_classes=3")
+    path = datalist(tmp_path, entries)
+    hd = load_hospital(cfg, "h", 0, data_path=path, cache_dir=cache)
+    want = tuple(t.clone() for t in hd.test[0])
+    for npy in cache.glob("*.npy"):
+        assert torch.equal(torch.from_numpy(np.load(npy)), torch.from_numpy(np.load(npy, mmap_mode="r")))
+    metas = [m for m in cache.glob("*.json") if m.name != "data_card.json"]
+    assert len(metas) == 3 and all(set(json.loads(m.read_text())["layout"]) == {"image", "label"} for m in metas)
+    for npy in cache.glob("*.npy"):  # same values, another dtype: a valid .npy of another size
+        np.save(npy, np.load(npy).astype(np.float64), allow_pickle=False)
+    got = hd.test[0]
+    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+    for meta in cache.glob("*.json"):  # as an older CareFL wrote them: no layout
+        data = json.loads(meta.read_text())
+        data.pop("layout", None)
+        meta.write_text(json.dumps(data))
+    old = load_hospital(cfg, "h", 0, data_path=path, cache_dir=cache)
+    got = old.test[0]
+    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+
+
 def write_multiframe(path: Path, volume: np.ndarray, enhanced: bool = False) -> str:
     """One multi-frame DICOM file (``volume`` int16 ``(frames, rows, cols)``), written with
     pydicom: a legacy CT (SpacingBetweenSlices 2.5), or ``enhanced``: an Enhanced CT whose
