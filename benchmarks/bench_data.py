@@ -43,6 +43,17 @@ DP-SGD (the hospital's own ``make_private``: Poisson loader, per-sample gradient
 of a later round = (``load_hospital`` + that data work) / (``load_hospital`` + the epoch): one
 process, one thread, no overlap of data and compute.
 
+Last, **whole later rounds** as a hospital serves them: the child calls
+:func:`carefl.hospital.handle` -- the ClientApp's own entry point -- with a real SuperNode node
+config (DP-SGD, the hospital's ``data-workers`` 0 or 1, one torch thread) for a train and then an
+evaluate message, each in a fresh process as Flower runs them. Round 1 fills the cache and plans
+the noise; later rounds are timed from the process's first import to its reply. Data seconds are
+``load_hospital``, every wait of a ``DataLoader`` (its iterator's start, which forks the
+workers, and each ``next``) and the test records the sliding-window evaluation reads outside a
+loader (:class:`_DataClock` patches those entry points in the child only). "data share of the
+round" = data seconds of both processes / their wall seconds; "after imports" leaves the
+imports (~5 s per process) out of the denominator.
+
 Caveat: the source files were just written and the cache just filled, so both are most likely
 in the OS page cache; a first read from a cold hospital disk or network share can be slower.
 """
@@ -78,6 +89,9 @@ OVERRIDES = {
               "task.num_classes=3", f"federation.hospitals=[{HOSPITAL}]", "federation.min_hospitals=1",
               "model.channels=[8,16]", "model.strides=[2]"],
 }
+#: rounds a whole-round measurement plans (its later rounds are numbered 2, 3, ...; the last
+#: would also draw the explanation gallery, so it is never reached)
+ROUNDS = 20
 #: line prefix of a child's result on stdout
 RESULT = "BENCH_DATA_RESULT "
 
@@ -249,6 +263,132 @@ def child(kind: str, datalist: Path, cache_dir: Path, with_epoch: bool = False) 
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+class _DataClock:
+    """Seconds this process spends on data inside a hospital's real request handler: its
+    ``load_hospital`` calls, the training loop's waits for each batch (``DataLoader`` iterator
+    start, which forks the ``data-workers``, and every ``next``), and the evaluation's reads of
+    test records outside any loader. Installed by patching those entry points in the benchmark's
+    child process only, so the figure comes from :func:`carefl.hospital.handle` unchanged."""
+
+    def __init__(self) -> None:
+        self.load_s = self.wait_s = self.read_s = 0.0
+        self._in_loader = False
+
+    def install(self) -> None:
+        from torch.utils.data import DataLoader
+        from torch.utils.data import dataloader as dl
+
+        import carefl.hospital as hospital
+        from carefl.data.decathlon import Records
+
+        def timed(fn, field: str, skip_in_loader: bool = False):
+            def wrapper(*args, **kwargs):
+                if skip_in_loader and self._in_loader:
+                    return fn(*args, **kwargs)
+                outer, self._in_loader = self._in_loader, True
+                start = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    setattr(self, field, getattr(self, field) + time.perf_counter() - start)
+                    self._in_loader = outer
+            return wrapper
+
+        hospital._data = timed(hospital._data, "load_s")
+        DataLoader.__iter__ = timed(DataLoader.__iter__, "wait_s")
+        dl._BaseDataLoaderIter.__next__ = timed(dl._BaseDataLoaderIter.__next__, "wait_s")
+        Records.__getitem__ = timed(Records.__getitem__, "read_s", skip_in_loader=True)
+
+    @property
+    def total_s(self) -> float:
+        return self.load_s + self.wait_s + self.read_s
+
+
+def round_child(kind: str, datalist: Path, cache_dir: Path, state_dir: Path, message: str, server_round: int,
+                workers: int) -> dict:
+    """One message of a real round, as a SuperNode's fresh ClientApp process serves it:
+    :func:`carefl.hospital.handle` with a real node config (DP-SGD, the hospital's
+    ``data-workers``), timed from this process's first import to its reply; returns the
+    process's wall seconds, its imports and the data seconds of :class:`_DataClock`."""
+    t0 = time.perf_counter()
+    import torch
+
+    import carefl.hospital as hospital
+    from carefl.config import compose_config
+    from carefl.models import build_model
+    from carefl.request import build_request
+
+    imports_s = time.perf_counter() - t0
+    clock = _DataClock()
+    clock.install()
+    cfg = compose_config([*OVERRIDES[kind], f"federation.rounds={ROUNDS}", f"output_dir={state_dir.parent}"])
+    node = {"hospital": HOSPITAL, "data-path": str(datalist), "state-dir": str(state_dir), "epsilon-cap": 100.0,
+            "delta": 1e-5, "cache-dir": str(cache_dir), "data-workers": workers, "torch-threads": 1}
+    state = build_model(cfg).state_dict()
+    reply = hospital.handle(message, build_request(cfg, server_round, "ab" * 32, None, None), state, node)
+    if reply.status != "ok":
+        raise RuntimeError(f"the hospital did not serve {message} round {server_round}: {reply.reason}")
+    wall_s = time.perf_counter() - t0
+    return {"message": message, "round": server_round, "workers": workers, "wall_s": wall_s, "imports_s": imports_s,
+            "data_s": clock.total_s, "load_hospital_s": clock.load_s, "batch_wait_s": clock.wait_s,
+            "test_read_s": clock.read_s, "share": clock.total_s / wall_s,
+            "share_after_imports": clock.total_s / (wall_s - imports_s)}
+
+
+def run_round_child(kind: str, datalist: Path, cache_dir: Path, state_dir: Path, message: str, server_round: int,
+                    workers: int) -> dict:
+    """:func:`round_child` in a fresh interpreter."""
+    proc = subprocess.run([sys.executable, __file__, "--round-child", kind, str(datalist), str(cache_dir),
+                           str(state_dir), message, str(server_round), str(workers)],
+                          stdout=subprocess.PIPE, text=True, check=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
+    if not lines:
+        raise RuntimeError(f"round child {kind} printed no result; stdout:\n{proc.stdout[-2000:]}")
+    return json.loads(lines[-1][len(RESULT):])
+
+
+def measure_rounds(kind: str, datalist: Path, cache_dir: Path, repeat: int) -> list[dict]:
+    """Whole later rounds through the hospital's own handler: round 1 fills the cache and plans
+    the noise (not reported), then for ``data-workers`` 0 and 1, ``repeat`` times interleaved,
+    a train and an evaluate message, each in its own fresh process as Flower serves them."""
+    state_dir = Path(tempfile.mkdtemp(prefix=f"bench-data-{kind}-")) / "hospital"
+    print(f"{kind}: whole rounds through carefl.hospital.handle (state {state_dir})", flush=True)
+    run_round_child(kind, datalist, cache_dir, state_dir, "train", 1, 0)
+    rows, server_round = [], 1
+    for _ in range(repeat):
+        for workers in (0, 1):
+            server_round += 1
+            for message in ("train", "evaluate"):
+                rows.append({"dataset": kind, **run_round_child(kind, datalist, cache_dir, state_dir, message,
+                                                                 server_round, workers)})
+    shutil.rmtree(state_dir.parent, ignore_errors=True)
+    return rows
+
+
+def _rounds_table(rows: list[dict]) -> str:
+    """Per dataset and data-workers: median over repeats of each message, and of the round
+    (train + evaluate processes together)."""
+    out = ["| dataset | data-workers | message | process wall s | imports s | load_hospital s | batch waits s "
+           "| test reads s | data share of the process | share after imports |", "|---|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["dataset"], r["workers"]) for r in rows})
+    for dataset, workers in keys:
+        mine = [r for r in rows if r["dataset"] == dataset and r["workers"] == workers]
+        for message in ("train", "evaluate"):
+            msg = [r for r in mine if r["message"] == message]
+            med = {k: statistics.median(r[k] for r in msg) for k in
+                   ("wall_s", "imports_s", "load_hospital_s", "batch_wait_s", "test_read_s", "share", "share_after_imports")}
+            out.append(f"| {dataset} | {workers} | {message} | {med['wall_s']:.2f} | {med['imports_s']:.2f} "
+                       f"| {med['load_hospital_s']:.2f} | {med['batch_wait_s']:.2f} | {med['test_read_s']:.2f} "
+                       f"| {med['share']:.1%} | {med['share_after_imports']:.1%} |")
+        per_round = [(sum(r["data_s"] for r in mine if r["round"] == n), sum(r["wall_s"] for r in mine if r["round"] == n),
+                      sum(r["wall_s"] - r["imports_s"] for r in mine if r["round"] == n))
+                     for n in sorted({r["round"] for r in mine})]
+        out.append(f"| {dataset} | {workers} | **round** | {statistics.median(w for _, w, _ in per_round):.2f} | | | | "
+                   f"| **{statistics.median(d / w for d, w, _ in per_round):.1%}** "
+                   f"| {statistics.median(d / a for d, _, a in per_round):.1%} |")
+    return "\n".join(out)
+
+
 def run_child(kind: str, datalist: Path, cache_dir: Path, with_epoch: bool = False) -> dict:
     """:func:`child` in a fresh interpreter (its log lines pass through to stderr)."""
     proc = subprocess.run([sys.executable, __file__, "--child", kind, str(datalist), str(cache_dir),
@@ -350,12 +490,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "DATALIST", "CACHE_DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--with-epoch", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--round-child", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         logging.basicConfig(level=logging.WARNING, format="  %(name)s: %(message)s")
         logging.getLogger("carefl.data").setLevel(logging.INFO)  # progress lines of long preparations
         kind, datalist, cache_dir = args.child
         print(RESULT + json.dumps(child(kind, Path(datalist), Path(cache_dir), args.with_epoch)), flush=True)
+        return
+    if args.round_child:
+        logging.basicConfig(level=logging.WARNING, format="  %(name)s: %(message)s")
+        kind, datalist, cache_dir, state_dir, message, server_round, workers = args.round_child
+        print(RESULT + json.dumps(round_child(kind, Path(datalist), Path(cache_dir), Path(state_dir), message,
+                                              int(server_round), int(workers))), flush=True)
         return
     if args.tiny:
         args.n2d, args.n3d, args.side = 12, 2, 32
@@ -368,10 +515,16 @@ def main(argv: list[str] | None = None) -> None:
                  "seg3d": generate_3d(work / f"seg3d-n{args.n3d}-{args.side}", args.n3d, args.side)}
     results = [measure(kind, path, work / f"cache-{path.parent.name}", args.repeat)
                for kind, path in datalists.items()]
+    rounds = [row for kind, path in datalists.items()
+              for row in measure_rounds(kind, path, work / f"cache-{path.parent.name}", args.repeat)]
     load_end = os.getloadavg()
 
     print(f"\nData step per round, fresh process each (nproc {os.cpu_count()}, {args.repeat} later round(s)):\n")
     print(_table(results))
+    print("\nWhole later rounds through carefl.hospital.handle (DP-SGD, one torch thread), each message in a "
+          "fresh process from its first import to its reply; data = load_hospital + the loaders' waits + test "
+          "reads outside a loader; median of the repeats:\n")
+    print(_rounds_table(rounds))
     print(f"\nload average (1, 5, 15 min): start {' '.join(f'{x:.2f}' for x in load_start)}, "
           f"end {' '.join(f'{x:.2f}' for x in load_end)}")
     if args.out:
@@ -379,7 +532,7 @@ def main(argv: list[str] | None = None) -> None:
         args.out.write_text(json.dumps({"args": {k: str(v) if isinstance(v, Path) else v
                                                   for k, v in vars(args).items() if k != "child"},
                                          "nproc": os.cpu_count(), "load_start": load_start, "load_end": load_end,
-                                         "results": results}, indent=1))
+                                         "results": results, "rounds": rounds}, indent=1))
         print(f"wrote {args.out}")
 
 

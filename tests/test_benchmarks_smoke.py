@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ["data.n_train=8", "data.n_test=4", "data.image_size=16", "federation.rounds=2"]
 
 
-def _run(script: str, *args: str, out: Path) -> dict:
+def _run(script: str, *args: str, out: Path, timeout: int = 300) -> dict:
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny", "--out", str(out), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -58,13 +58,19 @@ def test_bench_overhead_tiny_writes_split_and_ratio(tmp_path):
 
 @pytest.mark.slow
 def test_bench_data_tiny_reads_from_the_cache_in_later_rounds(tmp_path):
-    result = _run("bench_data.py", "--workdir", str(tmp_path / "w"), out=tmp_path / "d.json")
+    result = _run("bench_data.py", "--workdir", str(tmp_path / "w"), out=tmp_path / "d.json", timeout=900)
     assert [r["dataset"] for r in result["results"]] == ["seg2d", "seg3d"]
     for res in result["results"]:
         first, (later,) = res["first"], res["later"]
         assert first["train_records"] + first["test_records"] >= 2 and res["cache_mib"] > 0
         assert _positive(later["epoch_s"]) and _positive(first["load_hospital_s"])
         assert res["cache_entries"] > 0 and res["later_rewrote"] == 0  # prepared once, then only looked up
+    rounds = result["rounds"]  # whole later rounds through the hospital's handler, train and evaluate, 0 and 1 worker
+    assert {(r["dataset"], r["message"], r["workers"]) for r in rounds} == {
+        (d, m, w) for d in ("seg2d", "seg3d") for m in ("train", "evaluate") for w in (0, 1)}
+    for r in rounds:
+        assert 0 < r["data_s"] < r["wall_s"] and r["imports_s"] < r["wall_s"] and r["load_hospital_s"] > 0
+    assert all(r["batch_wait_s"] > 0 for r in rounds if r["message"] == "train")  # the loader's waits are seen
 
 
 @pytest.mark.slow
