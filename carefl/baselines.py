@@ -2,8 +2,8 @@
 
 Simulation only (the server needs every hospital's data). Each baseline gets the same
 training budget as one hospital in the federation (``rounds * local_epochs`` epochs over its
-training data, plus ``personalization.epochs`` when hospitals fine-tune a personal model) and
-the same privacy recipe: under DP its noise is calibrated to the same target epsilon, so the
+training data at ``federation.lr``, then ``personalization.epochs`` at ``personalization.lr``
+when hospitals train a personal model) and the same privacy recipe: under DP its noise is calibrated to the same target epsilon, so the
 comparison holds the privacy guarantee fixed.
 """
 
@@ -16,18 +16,21 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from carefl.data import load_hospital
-from carefl.hospital import local_steps, make_private, planned_epochs, planned_noise_multiplier
+from carefl.hospital import (local_steps, make_private, personal_epochs, personal_lr, planned_epochs,
+                             planned_noise_multiplier)
 from carefl.models import build_model
 from carefl.site import CACHE_DIR
 from carefl.training import Progress, evaluate, make_loader, make_optimizer, train_epochs
 
 
 def train_centrally(cfg, dataset: Dataset, seed: int, progress: Progress | None = None) -> torch.nn.Module:
-    """Train a fresh model on ``dataset`` for as many epochs as a hospital of the federation
-    trains (``rounds * local_epochs`` + personal epochs; DP if enabled). ``progress`` is
+    """Train a fresh model on ``dataset`` with a hospital's whole schedule: its rounds' epochs
+    (``rounds * local_epochs``) at ``federation.lr``, then its personal epochs at
+    :func:`carefl.hospital.personal_lr` (DP if enabled, the noise planned for all of them), so
+    a local-only model differs from a hospital's only in the data it never saw. ``progress`` is
     called after every step."""
     fed = cfg.federation
-    epochs = planned_epochs(cfg)
+    epochs, personal = planned_epochs(cfg), personal_epochs(cfg)
     model = build_model(cfg)
     optimizer = make_optimizer(model, fed.optimizer, fed.lr)
     loader = make_loader(dataset, fed.batch_size, seed)
@@ -35,7 +38,14 @@ def train_centrally(cfg, dataset: Dataset, seed: int, progress: Progress | None 
     if cfg.privacy.enabled:
         sigma = planned_noise_multiplier(cfg, len(dataset), cfg.privacy.target_delta, epochs)
         trained, optimizer, loader, _ = make_private(cfg, model, optimizer, loader, sigma, history=[])
-    train_epochs(trained, optimizer, loader, cfg.task, epochs, progress=progress)
+    if not personal or personal_lr(cfg) == float(fed.lr):
+        train_epochs(trained, optimizer, loader, cfg.task, epochs, progress=progress)
+        return model
+    done = train_epochs(trained, optimizer, loader, cfg.task, epochs - personal, progress=progress).steps
+    for group in optimizer.param_groups:
+        group["lr"] = personal_lr(cfg)
+    train_epochs(trained, optimizer, loader, cfg.task, personal,
+                 progress=(lambda steps: progress(done + steps)) if progress else None)
     return model
 
 

@@ -487,7 +487,9 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "strategy.prox_mu", 0, 1e6, 0.01, low_open=False)
     mode = _choice(cfg, "personalization.name", ("none", "finetune", "fedbn", "ditto"))
     if mode in ("finetune", "ditto"):
-        _integer(cfg, "personalization.epochs", 1, 1000, 2 if mode == "finetune" else 1)
+        _integer(cfg, "personalization.epochs", 1, 1000, 4 if mode == "finetune" else 1)
+        if "lr" in cfg.personalization:  # null: federation.lr
+            _number(cfg, "personalization.lr", 0, 1000, 0.01, nullable=True)
     if mode == "ditto":
         _number(cfg, "personalization.lambda", 0, 1e6, 0.1, low_open=False)
     from carefl.robust import check_assumptions  # local: robust imports torch-heavy code

@@ -404,6 +404,14 @@ def personal_epochs(cfg) -> int:
     return 0
 
 
+def personal_lr(cfg) -> float:
+    """The learning rate of personal training (finetune's epochs, Ditto's personal steps):
+    ``personalization.lr``, or ``federation.lr`` when it is null or absent. The privacy cost of a
+    step does not depend on it (DP-SGD's noise and sampling do not see the learning rate)."""
+    lr = cfg.personalization.get("lr") if cfg.get("personalization") is not None else None
+    return float(cfg.federation.lr if lr is None else lr)
+
+
 def planned_epochs(cfg) -> int:
     """Epochs a hospital trains in a whole run: every round's local epochs plus its personal
     ones (the noise plan's horizon, and a baseline's training)."""
@@ -418,7 +426,8 @@ def _progress(policy: SitePolicy, n: int, batch_size: int, epochs: int) -> Progr
 
 def _local_training(cfg, policy: SitePolicy, key: SigningKey, receipts: ReceiptLog, model, train_set: Dataset,
                     epochs: int, seed: int, run_id: str, reserve_epochs: int = 0, history: list | None = None,
-                    prox_mu: float | None = None, anchor: list[torch.Tensor] | None = None):
+                    prox_mu: float | None = None, anchor: list[torch.Tensor] | None = None,
+                    lr: float | None = None):
     """Train ``model`` on ``train_set`` for ``epochs`` (DP-SGD unless the request disables it and
     the policy allows that); the one local-training path of federated rounds, personal
     fine-tuning and Ditto's personal steps, so all are accounted alike.
@@ -427,6 +436,8 @@ def _local_training(cfg, policy: SitePolicy, key: SigningKey, receipts: ReceiptL
     (Ditto's personal step right after the round's global step), used instead of loading it
     again (its receipt is not written yet). ``prox_mu`` / ``anchor``: the proximal term of
     :func:`carefl.training.train_epochs` (default ``strategy.prox_mu`` towards the entry point).
+    ``lr``: the optimizer's learning rate (default ``federation.lr``; personal training passes
+    :func:`personal_lr`).
 
     Under DP: sigma is the plan's (:func:`planned_noise_multiplier` over all rounds' local epochs
     plus the personal epochs, never below what keeps the whole run within the hospital's cap);
@@ -438,7 +449,7 @@ def _local_training(cfg, policy: SitePolicy, key: SigningKey, receipts: ReceiptL
     fed = cfg.federation
     n = len(train_set)
     prox_mu = float(cfg.strategy.prox_mu) if prox_mu is None else prox_mu
-    optimizer = make_optimizer(model, fed.optimizer, fed.lr)
+    optimizer = make_optimizer(model, fed.optimizer, fed.lr if lr is None else lr)
     metrics: dict[str, float] = {"num_examples": float(n)}
     if not cfg.privacy.enabled:  # admitted only when the policy says require-dp=false
         loader = make_loader(train_set, fed.batch_size, seed=seed, workers=policy.data_workers)
@@ -518,7 +529,7 @@ def personalize(request: Request, policy: SitePolicy, global_state, train_set: D
         model.load_state_dict(global_state)
         seed = cfg.seed * 100_003 + (cfg.federation.rounds + 1) * 101 + policy.index
         trained, metrics, history = _local_training(cfg, policy, key, receipts, model, train_set,
-                                                    personal_epochs(cfg), seed, request.run_id)
+                                                    personal_epochs(cfg), seed, request.run_id, lr=personal_lr(cfg))
         state = plain_state_dict(trained) if trained is not None else None
         receipt = make_receipt(  # for "<run>.personal": never mistaken for a round's receipt the
             key, run_id=request.run_id + PERSONAL_SUFFIX, round=request.round,  # server's ledger holds
@@ -571,7 +582,7 @@ def ditto_step(request: Request, policy: SitePolicy, key: SigningKey, receipts: 
     seed = cfg.seed * 100_003 + request.round * 101 + policy.index + 50_021  # its own batches (without DP)
     trained, personal, history_after = _local_training(
         cfg, policy, key, receipts, model, train_set, int(cfg.personalization.epochs), seed, request.run_id,
-        history=history, prox_mu=float(cfg.personalization["lambda"]), anchor=anchor)
+        history=history, prox_mu=float(cfg.personalization["lambda"]), anchor=anchor, lr=personal_lr(cfg))
     if trained is None:
         log.warning("hospital %s: no Ditto personal step in round %d: %s", policy.hospital, request.round,
                     personal["reason"])

@@ -19,7 +19,7 @@ task choice -- under the same names as ``conf/`` (``federation.batch_size`` stay
 ``config.privacy``        enabled, target_epsilon, noise_multiplier, max_grad_norm,
                           accountant, secure_mode, grad_sample_mode
 ``config.strategy``       prox_mu
-``config.personalization`` name (none | finetune | fedbn | ditto), epochs, ditto's lambda
+``config.personalization`` name (none | finetune | fedbn | ditto), epochs, ditto's lambda, lr
 ``simulation``            simulated hospitals only: see :data:`SIMULATION_SCHEMA`
 ========================  ==================================================================
 
@@ -111,7 +111,8 @@ CONFIG_SCHEMA: dict[str, Any] = {
     "strategy": {"prox_mu": Field("float", 0.0, 1e6),
                  # what a hospital needs of secure aggregation (the buckets are the server's)
                  "secagg": {"enabled": Field("bool"), "clip": Field("float", 1e-12, 1e6), "bits": Field("int", 8, 24)}},
-    "personalization": {"name": Field("name"), "epochs": Field("int", 0, 10**4), "lambda": _opt("float", 0.0, 1e6)},
+    "personalization": {"name": Field("name"), "epochs": Field("int", 0, 10**4), "lambda": _opt("float", 0.0, 1e6),
+                        "lr": _opt("float", 1e-12, 1e3, nullable=True)},
     "compression": {"name": Field("name"), "block": Field("int", 16, 65536), "fraction": Field("float", 1e-9, 1.0)},
 }
 

@@ -340,3 +340,54 @@ def test_a_ditto_hospitals_personal_model_is_the_one_its_receipt_signs(tmp_path)
         assert signed and signed[-1] == hash_state_dict(v)
         assert any(not torch.equal(v[k], final[k]) for k in final)
     assert verify_receipts(run_dir, sorted(run_dir.glob("hospitals/*/receipts.jsonl"))) == []
+
+
+def test_personal_fine_tuning_trains_at_personalization_lr(tmp_path):
+    """personalization.lr reaches the fine-tuning's optimizer: null means federation.lr (the
+    same personal model as naming that rate), another rate gives another model."""
+    import numpy
+
+    def personal(lr: str, where: str) -> dict:
+        text, state = request(*NO_DP, "federation.lr=0.005", f"personalization.lr={lr}", server_round=ROUNDS)
+        torch.manual_seed(0)
+        numpy.random.seed(0)
+        reply = handle(EVALUATE, text, state, node(tmp_path / where, **{"require-dp": "false"}))
+        assert reply.status == "ok" and "personal_dice" in reply.metrics, reply.reason
+        return torch.load(tmp_path / where / "state" / PERSONAL_DIR / f"{RUN}.pt", weights_only=True)
+
+    default, named, faster = personal("null", "a"), personal("0.005", "b"), personal("0.05", "c")
+    assert all(torch.equal(default[k], named[k]) for k in default)
+    assert any(not torch.equal(default[k], faster[k]) for k in default if default[k].is_floating_point())
+    with pytest.raises(Exception, match="personalization.lr"):
+        compose_config([*TINY, "personalization.lr=-1"])
+
+
+def test_a_local_only_baseline_trains_on_the_hospitals_schedule():
+    """Local-only = a hospital's own schedule without the federation: its rounds' epochs at
+    federation.lr, then its personal epochs at personalization.lr (same model, same batches)."""
+    import numpy
+
+    from carefl.baselines import train_centrally
+    from carefl.data import load_hospital
+    from carefl.training import make_loader, make_optimizer, train_epochs
+
+    def baseline(personal_lr: float):
+        cfg = compose_config([*TINY, *NO_DP, "federation.optimizer=sgd", "federation.lr=0.01",
+                              f"personalization.lr={personal_lr}"])
+        torch.manual_seed(0)
+        numpy.random.seed(0)
+        return cfg, train_centrally(cfg, load_hospital(cfg, "st-mary", 0).train, seed=3).state_dict()
+
+    cfg, got = baseline(0.1)
+    data = load_hospital(cfg, "st-mary", 0).train
+    torch.manual_seed(0)
+    numpy.random.seed(0)
+    model = build_model(cfg)
+    optimizer, loader = make_optimizer(model, "sgd", 0.01), make_loader(data, BATCH, 3)
+    train_epochs(model, optimizer, loader, cfg.task, ROUNDS)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.1
+    train_epochs(model, optimizer, loader, cfg.task, PERSONAL)
+    assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
+    _, same_rate = baseline(0.01)
+    assert any(not torch.equal(got[k], same_rate[k]) for k in got if got[k].is_floating_point())

@@ -242,8 +242,10 @@ def test_what_the_server_builds_is_what_a_hospital_accepts_and_nothing_more():
     assert parsed.config.federation.batch_size == 4 and parsed.simulation is None
     with pytest.raises(RequestError, match="request key round"):
         parse_request(forged(text, lambda raw: raw.update(round=99)), simulated=False)  # beyond federation.rounds
+    lr = f'"lr": {cfg.federation.lr}'
+    assert lr in text
     with pytest.raises(RequestError, match="NaN"):
-        parse_request(text.replace('"lr": 0.005', '"lr": NaN'), simulated=False)
+        parse_request(text.replace(lr, '"lr": NaN'), simulated=False)
 
 
 def test_evaluation_requests_follow_the_same_policy(tmp_path):
