@@ -2,9 +2,11 @@
 
 Simulation only (the server needs every hospital's data). Each baseline gets the same
 training budget as one hospital in the federation (``rounds * local_epochs`` epochs over its
-training data at ``federation.lr``, then ``personalization.epochs`` at ``personalization.lr``
-when hospitals train a personal model) and the same privacy recipe: under DP its noise is calibrated to the same target epsilon, so the
-comparison holds the privacy guarantee fixed.
+training data at ``federation.lr``, then its personal epochs at ``personalization.lr`` when
+hospitals train a personal model: finetune's after the last round, Ditto's, which a hospital
+interleaves with its rounds, here all after them) and the same privacy recipe: under DP its
+noise is calibrated to the same target epsilon, so the comparison holds the privacy guarantee
+fixed.
 """
 
 from __future__ import annotations

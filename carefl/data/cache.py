@@ -13,8 +13,9 @@ preset makes new entries, never stale reads. Files are written atomically (temp 
 the JSON last, so a crash leaves no half-written entry. Arrays are plain ``.npy`` (no pickle:
 ``allow_pickle=False``) memory-mapped on access, through the dtype, shape and data offset the
 JSON records (:func:`_map`): a draw reads only the pages its patch touches, memory holds no more
-than the records in use, and opening costs tens of microseconds (``torch.load(weights_only=True)`` of a 256x256 pair cost ~1 ms, which made the
-disk cache most of an epoch's data time). Items are read-only tensors over the mapping.
+than the records in use, and opening costs tens of microseconds (``torch.load(weights_only=True)``
+of a 256x256 pair cost ~1 ms, which made the disk cache most of an epoch's data time). Items are
+read-only tensors over the mapping.
 
 Written here rather than with MONAI's ``PersistentDataset``: that one prepares a record on its
 first access, in the middle of a training epoch, and stops at the first bad file; a hospital
