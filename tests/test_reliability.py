@@ -352,9 +352,9 @@ def test_a_supernode_killed_mid_secure_aggregation_is_survived(deployment: Deplo
     deployment.procs.kill("supernode-northfield")
     metrics = deployment.wait_for_run(run_id, run_dir, timeout=1200)
 
-    # a run that stopped says why (which round, which hospitals were usable) in its message
-    assert metrics["status"] == "completed", (metrics.get("message"), [
-        {name: hospital.get("status") for name, hospital in r.get("train", {}).items()} for r in metrics["rounds"]])
+    # a run that stopped says why in its message; the ServerApp's log says which secure-aggregation
+    # reply was refused or missing (it stopped once in CI with a live hospital's shares not counted)
+    assert metrics["status"] == "completed", (metrics.get("message"), deployment.log(run_id)[-6000:])
     entries = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
     (bucket,) = entries[1]["secure_buckets"]
     assert bucket["failed"] is None and sorted(bucket["survivors"]) == ["eastgate", "riverside", "st-mary"]
