@@ -40,14 +40,12 @@ def train_centrally(cfg, dataset: Dataset, seed: int, progress: Progress | None 
     if cfg.privacy.enabled:
         sigma = planned_noise_multiplier(cfg, len(dataset), cfg.privacy.target_delta, epochs)
         trained, optimizer, loader, _ = make_private(cfg, model, optimizer, loader, sigma, history=[])
-    if not personal or personal_lr(cfg) == float(fed.lr):
-        train_epochs(trained, optimizer, loader, cfg.task, epochs, progress=progress)
-        return model
     done = train_epochs(trained, optimizer, loader, cfg.task, epochs - personal, progress=progress).steps
-    for group in optimizer.param_groups:
-        group["lr"] = personal_lr(cfg)
-    train_epochs(trained, optimizer, loader, cfg.task, personal,
-                 progress=(lambda steps: progress(done + steps)) if progress else None)
+    if personal:
+        for group in optimizer.param_groups:
+            group["lr"] = personal_lr(cfg)
+        train_epochs(trained, optimizer, loader, cfg.task, personal,
+                     progress=(lambda steps: progress(done + steps)) if progress else None)
     return model
 
 

@@ -165,8 +165,6 @@ def _map(path: str, dtype: str, shape: list[int], offset: int) -> np.ndarray:
         size = os.fstat(f.fileno()).st_size
         if dt.hasobject or size != offset + count * dt.itemsize:
             raise ValueError(f"{path}: {size} bytes, not the recorded layout {dtype} {shape} at {offset}")
-        if count == 0:
-            return np.zeros(shape, dtype=dt)
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     return np.frombuffer(mapped, dtype=dt, count=count, offset=offset).reshape(shape)
 
