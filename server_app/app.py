@@ -108,15 +108,22 @@ class FlowerTransport:
         pending = set(sizes)
         deadline, pause = time.monotonic() + timeout, POLL_PAUSES_S[0]
         try:
-            while pending and time.monotonic() < deadline:
+            # The last pull starts at or after the deadline, never before it: one pull can block
+            # far past the deadline (Flower stores a reply when its sender starts uploading it, and
+            # the ServerApp's object pull then waits until the upload's push session expires,
+            # 180 s, when a SuperNode dies mid-upload); the replies other hospitals delivered in
+            # time meanwhile are collected by that last pull, not dropped as unanswered.
+            while pending:
+                last = time.monotonic() >= deadline
                 with _stopped_by_operator():
                     pulled = list(self.grid.pull_messages(pending))
                 for msg in pulled:
                     pending.discard(msg.metadata.reply_to_message_id)
                     yield _raw(msg, sizes.get(msg.metadata.reply_to_message_id, 0))
-                if pending:
-                    time.sleep(pause)
-                    pause = min(2 * pause, POLL_PAUSES_S[1])
+                if last or not pending:
+                    break
+                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+                pause = min(2 * pause, POLL_PAUSES_S[1])
         finally:
             if pending:
                 log.warning("round %d: %d %s request(s) unanswered (SuperNode gone, too slow, or a stale node id "

@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -168,6 +169,33 @@ def test_exchange_collects_every_reply_and_honours_the_timeout(monkeypatch):
     silent = _Silent()
     assert list(app.FlowerTransport(silent).exchange("train", [1, 2], "{}", {}, 1, 0.05)) == []
     assert silent.polls >= 1  # polled, then gave up at the timeout (how often depends on load: not asserted)
+
+
+def test_replies_delivered_while_a_pull_blocked_past_the_deadline_are_still_collected(monkeypatch):
+    """A SuperNode killed mid-upload leaves its reply stored at the SuperLink without its
+    objects: Flower's object pull then blocks until the upload's push session expires (180 s),
+    past the phase's deadline. Replies the other hospitals delivered meanwhile must be collected
+    by a last pull, not dropped as unanswered (a secure-aggregation bucket then failed below
+    its threshold with every live member's shares at the SuperLink)."""
+    from server_app import app
+
+    monkeypatch.setattr(app, "Message", lambda **fields: SimpleNamespace(**fields))
+
+    class _Blocking(_SlowGrid):
+        def pull_messages(self, ids):
+            self.polls += 1
+            if self.polls == 1:  # the half-uploaded reply: the pull outlasts the deadline
+                time.sleep(0.3)
+                return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id="0", src_node_id=0),
+                                        has_error=lambda: True, error=SimpleNamespace(reason="objects unavailable"),
+                                        content={})]
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i, src_node_id=int(i)),
+                                    has_error=lambda: False, content={}) for i in sorted(ids)]
+
+    grid = _Blocking()
+    replies = list(app.FlowerTransport(grid).exchange("train", [1, 2, 3], "{}", {}, 1, 0.1))
+    assert sorted(r.node_id for r in replies) == [0, 1, 2]
+    assert grid.polls == 2  # the blocked pull, then exactly one pull after the deadline
 
 
 def test_bench_aggregation_tiny_agrees_with_flower_on_every_shared_rule(tmp_path):
