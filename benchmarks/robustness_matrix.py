@@ -28,7 +28,10 @@ Tasks (``--tasks``):
 The cell's value is the example-weighted mean metric (Dice | accuracy) of the FINAL global
 model over the test splits of the hospitals that are honest in every cell (h00..h07 for
 n=10); ``worst`` is the lowest of them. With several seeds (``--seeds``: data, partition,
-model init and batches all follow the seed) the tables show the mean over seeds.
+model init and batches all follow the seed) the tables show the mean over seeds. With
+``--deploy finetune`` every cell runs ``personalization=finetune`` and scores what each honest
+hospital would deploy instead: its own copy of the final global model, fine-tuned on its own
+training split (``personal_<metric>``; the FedAvg references are fine-tuned the same way).
 
 How rounds run: through the one round loop, ``carefl.rounds.run_federation`` -- the code the
 ServerApp and ``carefl-sim`` run -- over the in-process transport
@@ -51,6 +54,8 @@ Usage:
     python benchmarks/robustness_matrix.py --tasks seg,cls --alphas 0.1,0.5,1,100 --seeds 0,1,2 \
         --rules fedavg,robust --stem heterogeneity                 # the heterogeneity study
     python benchmarks/robustness_matrix.py --rules robust --set 'strategy.pre=[{name:nnm}]' --label nnm_tm
+    python benchmarks/robustness_matrix.py --tasks cls --alphas 0.1 --seeds 0,1,2 --rules fedavg,robust \
+        --deploy finetune --stem heterogeneity_cls_finetune   # the hospitals' fine-tuned models
     python benchmarks/robustness_matrix.py --tiny --out /tmp/rm  # smoke: 2 rules x 2 attacks, 1 round
 """
 
@@ -110,6 +115,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-test", type=int, default=32, help="seg: data.n_test")
     p.add_argument("--image-size", type=int, default=32, help="seg: data.image_size")
     p.add_argument("--privacy", choices=("none", "dp"), default="none")
+    p.add_argument("--deploy", choices=("global", "finetune"), default="global",
+                   help="what a cell scores: the final global model (default), or each honest hospital's "
+                        "personal copy of it, fine-tuned on its own training split (personalization=finetune; "
+                        "every row, the FedAvg references included, then fine-tunes the same way)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Hydra override for every cell (repeatable), e.g. strategy.pre.1.tau=2.0")
@@ -209,6 +218,7 @@ def cell_overrides(args: argparse.Namespace, rule: str, attack: str, task: str =
         f"federation.hospitals=[{','.join(joining)}]",
         f"federation.rounds={args.rounds or rounds}", f"federation.local_epochs={args.local_epochs or epochs}",
         "federation.baselines=false", f"privacy={args.privacy}",
+        f"personalization={'none' if args.deploy == 'global' else args.deploy}",
     ]
     if rule not in ("fedavg", ORACLE):  # the plain mean tolerates no Byzantine hospital: its f stays 0
         overrides.append(f"strategy.f={f}")
@@ -221,9 +231,12 @@ def run_cell(cfg, honest: list[str], metric: str) -> dict:
     """One federation through ``carefl.rounds.run_federation`` (in-process transport).
 
     Returns ``score`` (example-weighted mean of ``metric`` over ``honest`` for the final
-    model: the last evaluated round), ``worst`` (lowest of them), ``rounds`` completed and
-    ``status`` (completed | stopped).
+    model: the last evaluated round; with ``personalization=finetune``, each hospital's
+    fine-tuned copy of it, ``personal_<metric>``), ``worst`` (lowest of them), ``rounds``
+    completed and ``status`` (completed | stopped).
     """
+    if cfg.personalization.name != "none":
+        metric = f"personal_{metric}"
     run_dir = run_federation(LocalTransport(len(cfg.federation.hospitals)), cfg)
     record = json.loads((run_dir / "metrics.json").read_text())
     evaluated = [r for r in record["rounds"] if r["eval"]]
@@ -326,7 +339,8 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
             lines += ["", f"Clean reference (FedAvg, no attack): {clean['mean']:.3f}."
                       + (f" Honest-only FedAvg: {oracle['mean']:.3f}." if oracle else "")]
         parts.append("\n".join(lines))
-    notes = [f"Final global-model {'/'.join(sorted({r['metric'] for r in rows}))} (example-weighted mean over the "
+    model = "global-model" if args.deploy == "global" else "fine-tuned personal models'"
+    notes = [f"Final {model} {'/'.join(sorted({r['metric'] for r in rows}))} (example-weighted mean over the "
              f"{n0 - byzantine_count(n0)} hospitals honest in every cell, h00..h{n0 - byzantine_count(n0) - 1:02d}); "
              f"n={n0}, f={byzantine_count(n0)} Byzantine (the last ones)."]
     if any(r["hospitals"] != n0 for r in rows):
