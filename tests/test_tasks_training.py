@@ -49,18 +49,56 @@ def test_bootstrap_intervals_hold_the_estimate_and_shrink_with_more_images():
     from carefl.tasks import bootstrap_ci
 
     same = torch.full((50,), 0.7, dtype=torch.float64)
-    assert bootstrap_ci(lambda idx: float(same[idx].mean()), 50) == pytest.approx((0.7, 0.7))
+    assert bootstrap_ci(lambda idx: same[idx].mean(dim=1), 50) == pytest.approx((0.7, 0.7))
     gen = torch.Generator().manual_seed(0)
     widths = []
     for n in (10, 160):
         values = torch.rand(n, generator=gen, dtype=torch.float64)
-        low, high = bootstrap_ci(lambda idx: float(values[idx].mean()), n)
+        low, high = bootstrap_ci(lambda idx: values[idx].mean(dim=1), n)
         assert low <= float(values.mean()) <= high
         widths.append(high - low)
     assert widths[1] < widths[0] / 2  # ~1/sqrt(n): 4x as wide for 16x fewer images
     labels = torch.zeros(1, 1, 4, 4)
     metrics = compute_metrics(SEG, torch.full((1, 1, 4, 4), -5.0), labels)
     assert metrics["dice_ci_low"] == metrics["dice_ci_high"] == metrics["dice"] == 1.0  # one image: no spread
+
+
+def test_resampled_auc_equals_monais_auc_of_every_resample_written_out():
+    """The bootstrap's vectorised AUC (Mann-Whitney over score levels, with multiplicities) is
+    MONAI's compute_roc_auc on each resample listed out, under compute_metrics' rules: classes
+    absent from a resample left out, binary = logit 1 - logit 0, one class = fraction correct.
+    Adversarial inputs: heavy ties (scores on a 3-value grid), duplicates, one-class and
+    two-example resamples, classes missing from the split, K = 2, 3 and 10."""
+    from monai.metrics import compute_roc_auc
+
+    from carefl.tasks import resampled_auc
+
+    def reference(scores, labels, rows):
+        out = []
+        for idx in rows:
+            s_, y = scores[idx], labels[idx]
+            classes = y.unique().tolist()
+            if len(classes) == 1:
+                out.append(float((s_.argmax(dim=1) == y).double().mean()))
+            elif s_.shape[1] == 2:
+                out.append(float(compute_roc_auc(s_[:, 1] - s_[:, 0], y.double())))
+            else:
+                lp = torch.log_softmax(s_, dim=1)
+                out.append(sum(float(compute_roc_auc(lp[:, c], (y == c).double())) for c in classes) / len(classes))
+        return torch.tensor(out, dtype=torch.float64)
+
+    gen = torch.Generator().manual_seed(3)
+    for n, k, grid, classes in [(2, 2, 0, 2), (3, 2, 3, 2), (40, 2, 0, 2), (40, 2, 3, 2), (25, 3, 3, 3),
+                                (60, 10, 0, 4), (60, 10, 3, 10), (1, 3, 0, 3), (30, 3, 0, 1)]:
+        scores = torch.randn(n, k, generator=gen, dtype=torch.float64)
+        if grid:  # ties everywhere, inside and across classes
+            scores = torch.randint(0, grid, (n, k), generator=gen).double()
+        labels = torch.randint(0, classes, (n,), generator=gen)
+        rows = torch.randint(0, n, (200, n), generator=gen)
+        got = resampled_auc(scores, labels, rows)
+        assert got.shape == (200,) and torch.allclose(got, reference(scores, labels, rows), atol=1e-12, rtol=0), (n, k)
+    assert torch.equal(resampled_auc(scores, labels, torch.arange(30).unsqueeze(0)),
+                       reference(scores, labels, [torch.arange(30)]))
 
 
 def test_auc_and_accuracy_by_hand():
