@@ -29,9 +29,12 @@ The cell's value is the example-weighted mean metric (Dice | accuracy) of the FI
 model over the test splits of the hospitals that are honest in every cell (h00..h07 for
 n=10); ``worst`` is the lowest of them. With several seeds (``--seeds``: data, partition,
 model init and batches all follow the seed) the tables show the mean over seeds. With
-``--deploy finetune`` every cell runs ``personalization=finetune`` and scores what each honest
-hospital would deploy instead: its own copy of the final global model, fine-tuned on its own
-training split (``personal_<metric>``; the FedAvg references are fine-tuned the same way).
+``--deploy finetune`` every cell runs ``personalization=finetune`` and scores each honest
+hospital's own copy of the final global model, fine-tuned on its own training split
+(``personal_<metric>``; the FedAvg references are fine-tuned the same way); with ``--deploy
+best``, what the run's report says each hospital deploys: the better of the global and the
+fine-tuned model on its own test split (:meth:`carefl.report.Report.sites`; optimistic by that
+choice of two).
 
 How rounds run: through the one round loop, ``carefl.rounds.run_federation`` -- the code the
 ServerApp and ``carefl-sim`` run -- over the in-process transport
@@ -55,7 +58,7 @@ Usage:
         --rules fedavg,robust --stem heterogeneity                 # the heterogeneity study
     python benchmarks/robustness_matrix.py --rules robust --set 'strategy.pre=[{name:nnm}]' --label nnm_tm
     python benchmarks/robustness_matrix.py --tasks cls --alphas 0.1 --seeds 0,1,2 --rules fedavg,robust \
-        --deploy finetune --stem heterogeneity_cls_finetune   # the hospitals' fine-tuned models
+        --deploy best --stem heterogeneity_cls_deployed       # what the hospitals deploy
     python benchmarks/robustness_matrix.py --tiny --out /tmp/rm  # smoke: 2 rules x 2 attacks, 1 round
 """
 
@@ -115,10 +118,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-test", type=int, default=32, help="seg: data.n_test")
     p.add_argument("--image-size", type=int, default=32, help="seg: data.image_size")
     p.add_argument("--privacy", choices=("none", "dp"), default="none")
-    p.add_argument("--deploy", choices=("global", "finetune"), default="global",
-                   help="what a cell scores: the final global model (default), or each honest hospital's "
-                        "personal copy of it, fine-tuned on its own training split (personalization=finetune; "
-                        "every row, the FedAvg references included, then fine-tunes the same way)")
+    p.add_argument("--deploy", choices=("global", "finetune", "best"), default="global",
+                   help="what a cell scores: the final global model (default); each honest hospital's personal "
+                        "copy of it, fine-tuned on its own training split (finetune: personalization=finetune in "
+                        "every row, the FedAvg references included); or per hospital the better of the two on its "
+                        "own test split (best: what the report says it deploys)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Hydra override for every cell (repeatable), e.g. strategy.pre.1.tau=2.0")
@@ -218,7 +222,7 @@ def cell_overrides(args: argparse.Namespace, rule: str, attack: str, task: str =
         f"federation.hospitals=[{','.join(joining)}]",
         f"federation.rounds={args.rounds or rounds}", f"federation.local_epochs={args.local_epochs or epochs}",
         "federation.baselines=false", f"privacy={args.privacy}",
-        f"personalization={'none' if args.deploy == 'global' else args.deploy}",
+        f"personalization={'none' if args.deploy == 'global' else 'finetune'}",
     ]
     if rule not in ("fedavg", ORACLE):  # the plain mean tolerates no Byzantine hospital: its f stays 0
         overrides.append(f"strategy.f={f}")
@@ -227,23 +231,23 @@ def cell_overrides(args: argparse.Namespace, rule: str, attack: str, task: str =
     return overrides + list(args.set), n, f
 
 
-def run_cell(cfg, honest: list[str], metric: str) -> dict:
+def run_cell(cfg, honest: list[str], metric: str, deploy: str = "global") -> dict:
     """One federation through ``carefl.rounds.run_federation`` (in-process transport).
 
-    Returns ``score`` (example-weighted mean of ``metric`` over ``honest`` for the final
-    model: the last evaluated round; with ``personalization=finetune``, each hospital's
-    fine-tuned copy of it, ``personal_<metric>``), ``worst`` (lowest of them), ``rounds``
-    completed and ``status`` (completed | stopped).
+    Returns ``score`` (example-weighted mean over ``honest`` of each hospital's value of
+    ``metric`` in the last evaluated round: the global model's, its fine-tuned copy's
+    ``personal_<metric>`` for ``deploy="finetune"``, the better of the two for ``"best"``),
+    ``worst`` (lowest of them), ``rounds`` completed and ``status`` (completed | stopped).
     """
-    if cfg.personalization.name != "none":
-        metric = f"personal_{metric}"
+    value = {"global": lambda m: m[metric], "finetune": lambda m: m[f"personal_{metric}"],
+             "best": lambda m: max(m[metric], m[f"personal_{metric}"])}[deploy]
     run_dir = run_federation(LocalTransport(len(cfg.federation.hospitals)), cfg)
     record = json.loads((run_dir / "metrics.json").read_text())
     evaluated = [r for r in record["rounds"] if r["eval"]]
     final = {h: evaluated[-1]["eval"][h] for h in honest} if evaluated else {}
     total = sum(m["num_examples"] for m in final.values())
-    score = sum(m[metric] * m["num_examples"] for m in final.values()) / total if total else float("nan")
-    worst = min((m[metric] for m in final.values()), default=float("nan"))
+    score = sum(value(m) * m["num_examples"] for m in final.values()) / total if total else float("nan")
+    worst = min((value(m) for m in final.values()), default=float("nan"))
     return {"score": score, "worst": worst, "rounds": len(evaluated), "status": record["status"]}
 
 
@@ -269,7 +273,7 @@ def run_matrix(args: argparse.Namespace) -> list[dict]:
                     byz = byzantine_indices(cfg.attack, n)
                     assert not set(byz) & set(range(len(honest))), (rule, attack, byz)
                     start = time.perf_counter()
-                    result = run_cell(cfg, honest, metric)
+                    result = run_cell(cfg, honest, metric, args.deploy)
                     seconds = time.perf_counter() - start
                     label = args.label if rule not in ("fedavg", ORACLE) and args.label else rule
                     row = {"task": task, "alpha": alpha, "seed": seed, "rule": label, "attack": attack,
@@ -339,7 +343,8 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
             lines += ["", f"Clean reference (FedAvg, no attack): {clean['mean']:.3f}."
                       + (f" Honest-only FedAvg: {oracle['mean']:.3f}." if oracle else "")]
         parts.append("\n".join(lines))
-    model = "global-model" if args.deploy == "global" else "fine-tuned personal models'"
+    model = {"global": "global-model", "finetune": "fine-tuned personal models'",
+             "best": "deployed models' (per hospital the better of global and fine-tuned)"}[args.deploy]
     notes = [f"Final {model} {'/'.join(sorted({r['metric'] for r in rows}))} (example-weighted mean over the "
              f"{n0 - byzantine_count(n0)} hospitals honest in every cell, h00..h{n0 - byzantine_count(n0) - 1:02d}); "
              f"n={n0}, f={byzantine_count(n0)} Byzantine (the last ones)."]

@@ -94,23 +94,28 @@ def test_cells_use_f_of_20_percent_and_bulyan_gets_its_hospitals():
     assert cfg.strategy.f == 2 and byzantine_indices(cfg.attack, 10) == [8, 9]
 
 
-def test_deploy_finetune_scores_each_honest_hospitals_fine_tuned_model(tmp_path):
-    """--deploy finetune: the cell runs personalization=finetune and its score is the
-    example-weighted mean of the honest hospitals' personal (fine-tuned) accuracy, not the
-    global model's."""
+def test_deploy_scores_the_fine_tuned_or_the_better_model_of_each_honest_hospital(tmp_path, monkeypatch):
+    """--deploy finetune | best: the cell runs personalization=finetune; its score is the
+    example-weighted mean over the honest hospitals of their personal (fine-tuned) accuracy,
+    or of the better of global and personal per hospital; the federation is run once and
+    scored three ways."""
     import json
 
     rm = _module()
-    args = rm.parse_args(["--tiny", "--tasks", "cls", "--alphas", "0.5", "--deploy", "finetune"])
+    args = rm.parse_args(["--tiny", "--tasks", "cls", "--alphas", "0.5", "--deploy", "best"])
     overrides, n, _ = rm.cell_overrides(args, "robust", "signflip", "cls")
     overrides += rm.data_overrides("cls", "0.5", 0, n, args, tmp_path)
     cfg = compose_config([*overrides, f"output_dir={tmp_path / 'out'}", "run_id=cell"])
     assert cfg.personalization.name == "finetune"
     honest = rm.hospital_names(n)[:8]
-    result = rm.run_cell(cfg, honest, "accuracy")
-    final = json.loads((tmp_path / "out" / "cell" / "metrics.json").read_text())["rounds"][-1]["eval"]
+    run_dir = rm.run_federation(rm.LocalTransport(n), cfg)
+    monkeypatch.setattr(rm, "run_federation", lambda transport, cfg: run_dir)  # score the same run again
+    final = json.loads((run_dir / "metrics.json").read_text())["rounds"][-1]["eval"]
     weights = [final[h]["num_examples"] for h in honest]
-    personal = sum(final[h]["personal_accuracy"] * w for h, w in zip(honest, weights)) / sum(weights)
-    assert abs(result["score"] - personal) < 1e-12
-    assert result["worst"] == min(final[h]["personal_accuracy"] for h in honest)
+    for deploy, value in (("global", lambda m: m["accuracy"]), ("finetune", lambda m: m["personal_accuracy"]),
+                          ("best", lambda m: max(m["accuracy"], m["personal_accuracy"]))):
+        result = rm.run_cell(cfg, honest, "accuracy", deploy)
+        expected = sum(value(final[h]) * w for h, w in zip(honest, weights)) / sum(weights)
+        assert abs(result["score"] - expected) < 1e-12, deploy
+        assert result["worst"] == min(value(final[h]) for h in honest)
     assert rm.cell_overrides(rm.parse_args(["--tiny"]), "robust", "none")[0].count("personalization=none") == 1
