@@ -136,6 +136,13 @@ def test_reported_epsilon_and_timings(tmp_path):
     assert _positive(hospital.handle(hospital.EVALUATE, request, state, node).metrics["eval_seconds"])
 
 
+def _reply(message_id: str, error: str | None = None) -> SimpleNamespace:
+    """A pulled reply to message ``message_id`` from node ``int(message_id)``; an error reply
+    when ``error`` is given."""
+    return SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=message_id, src_node_id=int(message_id)),
+                           has_error=lambda: error is not None, error=SimpleNamespace(reason=error), content={})
+
+
 class _SlowGrid:
     """A Grid whose replies come back one per poll (message ids "0".."n-1")."""
 
@@ -148,8 +155,7 @@ class _SlowGrid:
 
     def pull_messages(self, ids):
         self.polls += 1
-        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i, src_node_id=int(i)),
-                                has_error=lambda: False, content={}) for i in sorted(ids)[:1]]
+        return [_reply(i) for i in sorted(ids)[:1]]
 
 
 def test_exchange_collects_every_reply_and_honours_the_timeout(monkeypatch):
@@ -186,11 +192,8 @@ def test_replies_delivered_while_a_pull_blocked_past_the_deadline_are_still_coll
             self.polls += 1
             if self.polls == 1:  # the half-uploaded reply: the pull outlasts the deadline
                 time.sleep(0.3)
-                return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id="0", src_node_id=0),
-                                        has_error=lambda: True, error=SimpleNamespace(reason="objects unavailable"),
-                                        content={})]
-            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i, src_node_id=int(i)),
-                                    has_error=lambda: False, content={}) for i in sorted(ids)]
+                return [_reply("0", error="objects unavailable")]
+            return [_reply(i) for i in sorted(ids)]
 
     grid = _Blocking()
     replies = list(app.FlowerTransport(grid).exchange("train", [1, 2, 3], "{}", {}, 1, 0.1))
