@@ -134,10 +134,13 @@ def main() -> None:
         "multikrum": flwr_multikrum(n - f),
         "bulyan": flwr_bulyan,
     }
-    rules = {name: {"name": name} for name in RULES}
+    shipped = ("robust", "cosine_filter")  # pipelines whose rule needs the pre-aggregators of their file
+    rules = {name: {"name": name} for name in RULES if name not in shipped}
     rules["centered_clip"] = {"name": "centered_clip", "tau": 1.0, "iters": 3}
-    robust = OmegaConf.to_container(compose_config("strategy=robust").strategy, resolve=True)  # the shipped default
-    pipelines = {**rules, "robust (conf/strategy)": {**robust["rule"], "pre": robust["pre"]}}
+    pipelines = dict(rules)
+    for name in shipped:
+        conf = OmegaConf.to_container(compose_config(f"strategy={name}").strategy, resolve=True)
+        pipelines[f"{name} (conf/strategy)"] = {**conf["rule"], "pre": conf["pre"]}
 
     print(f"n={n} hospitals, d={d:,} floats ({len(shapes)} tensors), f={f}, threads={ARGS.threads}, repeat={ARGS.repeat}")
     global_state = {f"p{k}": torch.zeros(s) for k, s in enumerate(shapes)}
@@ -146,7 +149,7 @@ def main() -> None:
     print(f"flatten_updates (state dicts -> (n, d) matrix): {t_flatten:.3f} s (once per round, shared by all rules)\n")
 
     rows = []
-    header = f"{'rule':<26}{'carefl s':>10}{'flower s':>10}{'speed-up':>10}{'+flatten':>10}  agree (max |diff|)"
+    header = f"{'rule':<31}{'carefl s':>10}{'flower s':>10}{'speed-up':>10}{'+flatten':>10}  agree (max |diff|)"
     print(header + "\n" + "-" * len(header))
     for name, spec in pipelines.items():
         strategy = {"f": f, "rule": {k: v for k, v in spec.items() if k != "pre"}, "pre": spec.get("pre", []),
@@ -163,9 +166,9 @@ def main() -> None:
                        max_abs_diff=float(np.abs(ours - ref).max()))
         rows.append(row)
         if row["flower_s"] is None:
-            print(f"{name:<26}{t_ours:>10.3f}{'-':>10}{'-':>10}{'-':>10}")
+            print(f"{name:<31}{t_ours:>10.3f}{'-':>10}{'-':>10}{'-':>10}")
         else:
-            print(f"{name:<26}{t_ours:>10.3f}{row['flower_s']:>10.3f}{row['speedup']:>9.1f}x"
+            print(f"{name:<31}{t_ours:>10.3f}{row['flower_s']:>10.3f}{row['speedup']:>9.1f}x"
                   f"{row['speedup_with_flatten']:>9.1f}x  "
                   f"{row['agree']} ({row['max_abs_diff']:.1e})")
 

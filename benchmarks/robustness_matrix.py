@@ -53,7 +53,7 @@ Outputs in ``--out`` (default benchmarks/results/): ``<stem>.csv`` (one row per 
 ``<stem>.png`` (heatmaps). ``--stem`` names them (default robustness_matrix).
 
 Usage:
-    python benchmarks/robustness_matrix.py                      # the rule matrix (9 rules x 7 attacks, seg, own)
+    python benchmarks/robustness_matrix.py                      # the rule matrix (10 rules x 7 attacks, seg, own)
     python benchmarks/robustness_matrix.py --tasks seg,cls --alphas 0.1,0.5,1,100 --seeds 0,1,2 \
         --rules fedavg,robust --stem heterogeneity                 # the heterogeneity study
     python benchmarks/robustness_matrix.py --rules robust --set 'strategy.pre=[{name:nnm}]' --label nnm_tm
@@ -76,7 +76,8 @@ import time
 import warnings
 from pathlib import Path
 
-RULES = ("fedavg", "median", "trimmed_mean", "krum", "multikrum", "bulyan", "geomed", "centered_clip", "robust")
+RULES = ("fedavg", "median", "trimmed_mean", "krum", "multikrum", "bulyan", "geomed", "centered_clip", "cosine_filter",
+         "robust")
 ATTACKS = ("none", "signflip", "gaussian", "scaling", "labelflip", "alie", "ipm")
 FRACTION = 0.2  # f = round(0.2 n) of the --hospitals n are Byzantine (the last ones)
 #: rules that need more hospitals than --hospitals for f = round(0.2 n): rule -> n(f)
@@ -107,7 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--alphas", default=OWN,
                    help="comma-separated heterogeneity levels: Dirichlet alphas, or 'own' (seg only)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
-    p.add_argument("--rules", help=f"comma-separated strategy names, and/or {ORACLE} (default: all 9 rules)")
+    p.add_argument("--rules", help=f"comma-separated strategy names, and/or {ORACLE} (default: all {len(RULES)} rules)")
     p.add_argument("--attacks", help="comma-separated attack names (default: all 7)")
     p.add_argument("--label", default=None,
                    help="the name the cells of the rules other than fedavg get (a candidate pipeline's name)")

@@ -210,6 +210,6 @@ def test_bench_aggregation_tiny_agrees_with_flower_on_every_shared_rule(tmp_path
                    check=True, capture_output=True, text=True, timeout=300)
     rows = {r["rule"]: r for r in json.loads(out.read_text())["rows"]}
     shared = {"median", "trimmed_mean", "krum", "multikrum", "bulyan"}
-    assert shared <= set(rows) and "robust (conf/strategy)" in rows
+    assert shared <= set(rows) and {"robust (conf/strategy)", "cosine_filter (conf/strategy)"} <= set(rows)
     assert all(rows[r]["agree"] is True and rows[r]["flower_s"] > 0 for r in shared)
     assert all(r["carefl_s"] > 0 for r in rows.values())

@@ -11,7 +11,7 @@ from carefl.robust import build_aggregator, build_server_optimizer, check_assump
 torch.set_num_threads(1)
 STRATEGIES = sorted(glob.glob("conf/strategy/*.yaml"))
 EXPECTED = {"fedavg", "median", "trimmed_mean", "krum", "multikrum", "bulyan", "geomed",
-            "centered_clip", "fedavgm", "fedadam", "fedprox", "robust"}
+            "centered_clip", "cosine_filter", "fedavgm", "fedadam", "fedprox", "robust"}
 
 
 def cfg(rule, f=1, pre=(), server_opt=None, prox_mu=0.0):

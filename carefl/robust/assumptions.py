@@ -83,7 +83,7 @@ def _check_rule(spec: Mapping, f: int, n: int, rows_note: str) -> None:
                 f"strategy.rule (trimmed_mean) trims {k} per side, nothing left at {have}; "
                 f"lower strategy.f / strategy.rule.beta or add hospitals"
             )
-    if name in ("median", "geomed", "centered_clip") and not 2 * f < n:
+    if name in ("median", "geomed", "centered_clip", "cosine_filter") and not 2 * f < n:
         raise ConfigError(
             f"strategy.rule.name={name} tolerates strategy.f < n/2 but f={f} with {have}; "
             f"lower strategy.f to {(n - 1) // 2} or add hospitals"
@@ -113,8 +113,9 @@ def check_assumptions(strategy_cfg: Mapping, n_hospitals: int, unit: str = "hosp
     Checks names and settings of rule / pre / server_opt (unknown ones list the valid
     choices), ``f`` and ``prox_mu`` ranges, and each rule's requirement on the number of rows
     it sees (after bucketing, if any): Krum/Multi-Krum n > 2f+2, Bulyan n >= 4f+3, trimmed
-    mean trims >= f per side and keeps something, median / geomed / centered clipping / NNM
-    f < n/2. The aggregator re-checks every round with the hospitals that actually replied.
+    mean trims >= f per side and keeps something, median / geomed / centered clipping /
+    cosine filter / NNM f < n/2, and a clip in front of the cosine filter. The aggregator re-checks every round with the hospitals that
+    actually replied.
     ``unit``: what a row is, for the message (``secure buckets`` under secure aggregation).
     """
     f = strategy_cfg.get("f", 0)
@@ -129,4 +130,12 @@ def check_assumptions(strategy_cfg: Mapping, n_hospitals: int, unit: str = "hosp
     rows = _check_pre(pre, f, n_hospitals)
     note = f" rows after bucketing ({n_hospitals} {unit})" if rows != n_hospitals else f" {unit}"
     _check_rule(strategy_cfg["rule"], f, rows, note)
+    if strategy_cfg["rule"].get("name") == "cosine_filter" and f and not any(
+        spec.get("name") in ("arc", "clip") for spec in pre
+    ):
+        raise ConfigError(
+            "strategy.pre needs a clip in front of strategy.rule.name=cosine_filter, which bounds "
+            "an attacker's influence only through the rows' norms; use strategy.pre=[{name:arc}] "
+            "(as conf/strategy/cosine_filter.yaml does) or {name:clip}"
+        )
     _check_server_opt(strategy_cfg["server_opt"])

@@ -6,6 +6,7 @@ from carefl.robust.bucketing import Bucketing
 from carefl.robust.bulyan import Bulyan
 from carefl.robust.centered_clip import CenteredClipping
 from carefl.robust.clipping import AdaptiveRobustClip, NormClip
+from carefl.robust.cosine_filter import CosineFilter
 from carefl.robust.geomed import GeometricMedian
 from carefl.robust.krum import Krum, MultiKrum
 from carefl.robust.mean import WeightedMean
@@ -22,6 +23,7 @@ RULES: dict[str, type] = {
     "bulyan": Bulyan,
     "geomed": GeometricMedian,
     "centered_clip": CenteredClipping,
+    "cosine_filter": CosineFilter,
 }
 
 PRE: dict[str, type] = {"clip": NormClip, "arc": AdaptiveRobustClip, "nnm": NearestNeighbourMixing, "bucketing": Bucketing}
