@@ -114,8 +114,8 @@ def check_assumptions(strategy_cfg: Mapping, n_hospitals: int, unit: str = "hosp
     choices), ``f`` and ``prox_mu`` ranges, and each rule's requirement on the number of rows
     it sees (after bucketing, if any): Krum/Multi-Krum n > 2f+2, Bulyan n >= 4f+3, trimmed
     mean trims >= f per side and keeps something, median / geomed / centered clipping /
-    cosine filter / NNM f < n/2, and a clip in front of the cosine filter. The aggregator re-checks every round with the hospitals that
-    actually replied.
+    cosine filter / NNM f < n/2, and a clip in front of the cosine filter. The aggregator
+    re-checks every round with the hospitals that actually replied.
     ``unit``: what a row is, for the message (``secure buckets`` under secure aggregation).
     """
     f = strategy_cfg.get("f", 0)

@@ -115,7 +115,7 @@ class CosineFilter(Rule):
     * **Influence.** With ARC in front (``conf/strategy/cosine_filter.yaml``), every row is no
       longer than the longest honest update, ``C`` (:class:`AdaptiveRobustClip`). If ``k`` of
       the ``K`` kept rows are Byzantine, the output is within ``2 k C / K`` of the mean of the
-      kept honest rows, whatever the attackers send; a row that points away from ``m`` (sign
+      kept honest rows (as ARC left them), whatever the attackers send; a row that points away from ``m`` (sign
       flipping, inner-product manipulation, noise, most of the time) is not kept at all.
     * **Not** (f, kappa)-robust in the sense of Allouah et al. 2023: the bound is in units of
       the honest norm ``C``, not of the honest spread. On label-skewed hospitals the two are of
@@ -123,7 +123,7 @@ class CosineFilter(Rule):
       cosines of median 0.02, -0.22 to 0.53), and there this rule keeps or drops whole rows
       where a coordinate-wise rule trims a class's lone holder with the attackers. It always
       drops f rows, honest ones when the attackers were already left out (by the norm bound or
-      by not replying). Measured trade-off: BENCHMARKS.md, "The cosine filter".
+      by not replying). Measured trade-off: BENCHMARKS.md, "Robustness under heterogeneity".
 
     Exactness: the selection is the one exact arithmetic makes on the same ``m`` (the float32
     median, as the median rule computes it), on every input: float64 cosines decide when
