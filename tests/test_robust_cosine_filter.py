@@ -143,9 +143,8 @@ def crafted_attacks(x_honest: torch.Tensor, f: int, g: torch.Generator) -> list[
 def test_direction_and_influence_bounds_hold_against_crafted_attackers(seed):
     g = torch.Generator().manual_seed(seed)
     n, f, d = 10, 3, 80
-    base = torch.randn(d, generator=g)
-    for attack in crafted_attacks(base + 2 * torch.randn(n - f, d, generator=g), f, g):
-        honest = base + 2 * torch.randn(n - f, d, generator=g)
+    honest = torch.randn(d, generator=g) + 2 * torch.randn(n - f, d, generator=g)
+    for attack in crafted_attacks(honest, f, g):  # built from the very honest rows they join
         x = torch.cat([honest, attack])
         res = build_aggregator(pipeline(f))(x, [1] * n)
         rows = AdaptiveRobustClip(f)(x)[0]

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from carefl.robust.base import AggResult, Rule
 from carefl.robust.linalg import DIST_BLOCK, column_blocks, exact_dots
-from carefl.robust.median import CoordinateMedian
+from carefl.robust.median import coordinate_median
 
 #: unit round-off of float64
 _U = 2.0**-53
@@ -138,7 +138,7 @@ class CosineFilter(Rule):
 
     def __call__(self, updates: Tensor, weights: Tensor) -> AggResult:
         n = updates.shape[0]
-        m = CoordinateMedian()(updates, weights).update
+        m = coordinate_median(updates)
         kept, cos = select_aligned(updates, m, n - self.f)
         weights = kept.to(updates.dtype) / max(int(kept.sum()), 1)  # 1/K on the kept rows; all 0: update 0
         return AggResult(weights @ updates, 1.0 - cos, kept)
