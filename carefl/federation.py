@@ -158,11 +158,14 @@ class Federation:
         updates, labels, members = self._rows(replies, rejected, buckets)
         too_large = robust.norm_outliers(updates, fed.max_update_norm, fed.max_update_norm_ratio)
         if too_large:
-            rejected.update({name: f"{name}: {labels[i]}: {why}" for i, why in too_large.items() for name in members[i]})
+            # in the clear a row's label is its hospital's name: said once; a bucket's is added
+            rejected.update({name: f"{name}: {why}" if labels[i] == name else f"{name}: {labels[i]}: {why}"
+                             for i, why in too_large.items() for name in members[i]})
             keep = [i for i in range(len(labels)) if i not in too_large]
             updates, labels, members = updates[keep], [labels[i] for i in keep], [members[i] for i in keep]
-        for name, reason in rejected.items():
-            log.warning("round %d: left out %s: %s", server_round, name, reason)
+        for name, reason in rejected.items():  # a reason names its hospital first, except a refusal's own text
+            log.warning("round %d: left out %s", server_round,
+                        reason if reason.startswith(f"{name}:") else f"{name}: {reason}")
         model_before = self.model_hash
         by_name = {r.hospital: r for r in replies}
         accepted = [by_name[name] for row in members for name in row]

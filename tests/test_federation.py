@@ -1,6 +1,7 @@
 """The server's round logic (carefl.federation) without Flower."""
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 
@@ -44,13 +45,18 @@ def _fed(tmp_path, *overrides, simulated=True):
     return Federation(cfg, tmp_path / "run", build_model(cfg).state_dict(), simulated=simulated)
 
 
-def test_absurd_norms_are_left_out_by_name_and_the_round_goes_on(tmp_path):
+def test_absurd_norms_are_left_out_by_name_and_the_round_goes_on(tmp_path, caplog):
     fed = _fed(tmp_path)
     g = fed.global_state
     # relative bound (default federation.max_update_norm_ratio=10): 100x the others' norm
-    summary = fed.aggregate(1, [_reply("st-mary", g), _reply("riverside", g), _reply("northfield", g, delta=1.0)])
+    with caplog.at_level(logging.WARNING, logger="carefl"):
+        summary = fed.aggregate(1, [_reply("st-mary", g), _reply("riverside", g), _reply("northfield", g, delta=1.0)])
     assert summary.accepted == ["st-mary", "riverside"]
+    assert summary.rejected["northfield"].startswith("northfield: update norm ")
     assert "max_update_norm_ratio" in summary.rejected["northfield"]
+    # the hospital is named once, in the reason and in the log line
+    (line,) = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert line.startswith("round 1: left out northfield: update norm ") and line.count("northfield") == 1
     absurd = Federation(_cfg("federation.max_update_norm=1.0"), tmp_path / "absurd", g)
     with pytest.raises(FederationStopped):
         absurd.aggregate(1, [_reply("st-mary", g, delta=1e3), _reply("riverside", g, delta=1e3)])
